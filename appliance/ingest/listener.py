@@ -1,0 +1,59 @@
+"""One ingest listener process: a pynetdicom server accepting on the supervisor's socket.
+
+Runs in its own process (see ``appliance.service``) so that several associations are served in
+parallel despite the GIL, and so a crash here never takes the other stages down.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from typing import Any
+
+from appliance import logs
+from appliance.config import Config
+from appliance.ingest.receiver import Receiver
+from appliance.ingest.scp import AssociationSlots, Ingest
+from appliance.ingest.tuning import tune_pynetdicom
+from appliance.store import Store
+
+log = logging.getLogger("appliance.ingest")
+
+#: How long in-flight C-STOREs get to finish after SIGTERM before the process exits anyway.
+DRAIN_SECONDS = 10.0
+
+
+def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, slot: int, ready: Any) -> None:
+    """Process entry point: serve until SIGTERM, then drain and exit."""
+    logs.setup(config.logging.level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    tune_pynetdicom()
+    store = Store.open(config.storage.data_dir)
+    receiver = Receiver(store, config.storage.min_free_bytes)
+    ingest = Ingest(config, receiver, slots, slot)
+    ae = ingest.make_ae()
+    server = ingest.make_server(ae, sock)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="accept", daemon=True)
+    thread.start()
+    ready.set()
+    stop.wait()
+
+    # Stop accepting, refuse further C-STOREs, end open associations; a handler that is writing
+    # finishes its write and commit (the sender, seeing the abort, resends: a harmless duplicate).
+    receiver.stopping.set()
+    server.shutdown()
+    assocs = list(server.active_associations)
+    for assoc in assocs:
+        try:
+            assoc.abort()
+        except Exception:  # the peer may already be gone
+            pass
+    for assoc in assocs:
+        assoc.join(DRAIN_SECONDS)
+    store.index.close()
+    log.info("listener %d stopped (%d association(s) ended)", slot, len(assocs))

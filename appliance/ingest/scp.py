@@ -1,0 +1,206 @@
+"""The pynetdicom side of ingest: the AE, its presentation contexts, and the event handlers.
+
+pynetdicom's events keep protocol and storage apart: association-level policy (allow-list,
+capacity) lives in the EVT_REQUESTED handler, each C-STORE is handed to :class:`Receiver`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance import IMPLEMENTATION_VERSION_NAME
+from appliance.config import Config
+from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, Receiver
+from appliance.ingest.status import (REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED, StoreStatus)
+
+log = logging.getLogger("appliance.ingest")
+
+
+class AssociationSlots(Protocol):
+    """A ``multiprocessing.Array('i', listeners)``: associations open in each listener process.
+
+    One slot per listener so a listener that dies can be restarted with its slot cleared.
+    """
+
+    def get_lock(self) -> Any: ...
+    def __getitem__(self, i: int) -> int: ...
+    def __setitem__(self, i: int, v: int) -> None: ...
+    def __len__(self) -> int: ...
+
+
+class SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server accepting on a listening socket the supervisor bound.
+
+    Several listener processes accept on the one socket: one Python process holds one GIL, so
+    parallel associations only run in parallel in separate processes. The socket is non-blocking
+    so a listener that loses the race for a connection goes back to waiting instead of hanging.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64
+    inherited_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.inherited_socket is None:
+            raise RuntimeError("SharedSocketServer needs inherited_socket set before it is created")
+        self.socket.close()
+        self.socket = self.inherited_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_close(self) -> None:
+        # Only this process's descriptor: shutdown() would stop the other listeners accepting too.
+        self.socket.close()
+
+
+class Ingest:
+    """Binds a :class:`Receiver` to pynetdicom events for one listener process."""
+
+    def __init__(self, config: Config, receiver: Receiver, slots: AssociationSlots | None = None,
+                 slot: int = 0) -> None:
+        self.config = config
+        self.receiver = receiver
+        self.slots = slots
+        self.slot = slot
+        self._ids: dict[int, str] = {}
+        self._counted: set[int] = set()
+        self._lock = threading.Lock()
+        self._allowed = [(c.ae_title, c.host) for c in config.dicom.allowed_callers]
+
+    # -- building the server -------------------------------------------------------------------------
+
+    def make_ae(self) -> AE:
+        _config.LOG_HANDLER_LEVEL = "none"  # per-PDU debug logging costs ~10% of ingest time
+        ae = AE(ae_title=self.config.dicom.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.require_called_aet = True
+        ae.maximum_associations = self.config.dicom.max_associations
+        ae.maximum_pdu_size = self.config.dicom.max_pdu_size
+        ae.network_timeout = self.config.dicom.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    def make_server(self, ae: AE, sock: socket.socket) -> SharedSocketServer:
+        server_class = type("ListenerServer", (SharedSocketServer,), {"inherited_socket": sock})
+        return ae.make_server(sock.getsockname()[:2], evt_handlers=self.handlers(), server_class=server_class)
+
+    # -- association policy ------------------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        host = assoc.requestor.address
+        if self._allowed and not any(ae == calling and (h is None or h == host) for ae, h in self._allowed):
+            known_ae = any(ae == calling for ae, _ in self._allowed)
+            why = f"host {host} is not allowed for AE title {calling!r}" if known_ae else \
+                f"calling AE title {calling!r} is not in allowed_callers"
+            log.warning("association from %s:%s rejected: %s", host, assoc.requestor.port, why)
+            self.receiver.store.index.count("ingest_rejected_associations", "calling_ae_not_allowed")
+            assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+            return
+        if self.slots is not None:
+            with self.slots.get_lock():
+                if sum(self.slots[i] for i in range(len(self.slots))) >= self.config.dicom.max_associations:
+                    full = True
+                else:
+                    self.slots[self.slot] += 1
+                    full = False
+            if full:
+                log.warning("association from %s (%s) rejected: max_associations=%d already open",
+                            calling, host, self.config.dicom.max_associations)
+                self.receiver.store.index.count("ingest_rejected_associations", "local_limit_exceeded")
+                assoc.acse.send_reject(*REJECT_LOCAL_LIMIT_EXCEEDED)
+                return
+            with self._lock:
+                self._counted.add(id(assoc))
+
+    def on_established(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        aid = uuid.uuid4().hex
+        with self._lock:
+            self._ids[id(assoc)] = aid
+        req = assoc.requestor
+        try:
+            self.receiver.store.index.open_association(aid, req.ae_title.strip(), f"{req.address}:{req.port}")
+        except Exception:
+            log.exception("could not record association %s", aid)
+        log.info("association %s from %s (%s:%s) established", aid[:8], req.ae_title.strip(), req.address, req.port)
+
+    def _finish(self, event: evt.Event, outcome: str) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            aid = self._ids.pop(key, None)
+            counted = key in self._counted
+            self._counted.discard(key)
+        if counted and self.slots is not None:
+            with self.slots.get_lock():
+                self.slots[self.slot] -= 1
+        if aid is not None:
+            try:
+                self.receiver.store.index.close_association(aid, outcome)
+            except Exception:
+                log.exception("could not record the end of association %s", aid)
+            log.info("association %s %s", aid[:8], outcome)
+
+    def on_released(self, event: evt.Event) -> None:
+        self._finish(event, "released")
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self._finish(event, "aborted")
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        # Closed without release or abort (network drop, or after a reject): treat like an abort.
+        self._finish(event, "aborted")
+
+    # -- DIMSE -------------------------------------------------------------------------------------
+
+    def on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        req = event.request
+        stream = req.DataSet
+        data = stream.getbuffer() if stream is not None else memoryview(b"")
+        with self._lock:
+            aid = self._ids.get(id(event.assoc))
+        outcome = self.receiver.store_instance(
+            data,
+            event.context.transfer_syntax,
+            req.AffectedSOPClassUID,
+            req.AffectedSOPInstanceUID,
+            event.assoc.requestor.ae_title,
+            aid,
+        )
+        if outcome.status == StoreStatus.SUCCESS:
+            return 0x0000
+        # A failure carries its reason to the sender's log (Error Comment, at most 64 characters).
+        rsp = Dataset()
+        rsp.Status = int(outcome.status)
+        rsp.ErrorComment = outcome.detail.encode("ascii", "replace").decode()[:64]
+        return rsp

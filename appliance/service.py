@@ -1,0 +1,143 @@
+"""``appliance serve``: the supervisor that runs every stage.
+
+The supervisor binds the DICOM port itself (so "port already in use" is a clear start-up error),
+starts the ingest listener processes on that socket, runs the assembler, restarts a listener that
+dies, and on SIGTERM stops everything in order and exits 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.assemble import Assembler
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.ingest.listener import DRAIN_SECONDS, run_listener
+from appliance.store import Store
+
+log = logging.getLogger("appliance.service")
+
+READY_TIMEOUT = 60.0
+
+
+class StartupError(ApplianceError):
+    """The appliance cannot start; the message says what to fix."""
+
+
+def _bind(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.dicom.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.dicom.bind, config.dicom.port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"DICOM port {config.dicom.port} on {config.dicom.bind} is already in use "
+                               "(another appliance or DICOM service?): stop it or set [dicom] port") from None
+        raise StartupError(f"cannot listen on {config.dicom.bind}:{config.dicom.port}: {exc.strerror}") from None
+    return sock
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """One appliance per data directory: two would both think they own the spool."""
+    f = open(data_dir / "appliance.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StartupError(f"another appliance is already running on data directory {data_dir}") from None
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.ctx = multiprocessing.get_context("spawn")
+
+    def run(self) -> int:
+        cfg = self.config
+        store = Store.open(cfg.storage.data_dir)
+        lock = _lock_data_dir(store.data_dir)
+        removed = store.spool.remove_partials()
+        lost = store.index.mark_lost_associations()
+        if removed or lost:
+            log.warning("recovered after an unclean stop: removed %d partial file(s), %d association(s) never "
+                        "released", removed, lost)
+        sock = _bind(cfg)
+        n = cfg.dicom.listener_count()
+        slots = self.ctx.Array("i", n)
+        listeners: list[Any] = [None] * n
+        readies: list[Any] = [None] * n
+
+        def start(i: int) -> None:
+            readies[i] = self.ctx.Event()
+            with slots.get_lock():
+                slots[i] = 0
+            p = self.ctx.Process(target=run_listener, args=(cfg, sock, slots, i, readies[i]), name=f"ingest-{i}")
+            p.start()
+            listeners[i] = p
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        for i in range(n):
+            start(i)
+        deadline = time.monotonic() + READY_TIMEOUT
+        for i in range(n):
+            if not readies[i].wait(max(0.0, deadline - time.monotonic())):
+                self.stop.set()
+                self._stop_all(listeners)
+                raise StartupError(f"ingest listener {i} did not start within {READY_TIMEOUT:.0f} s; see the log above")
+        log.info("appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
+                 __version__, cfg.dicom.ae_title, cfg.dicom.bind, cfg.dicom.port, n, store.data_dir)
+
+        assembler = Assembler(store.index, cfg.assemble)
+        assemble_thread = threading.Thread(target=assembler.run, args=(self.stop,), name="assemble", daemon=True)
+        assemble_thread.start()
+
+        while not self.stop.wait(0.5):
+            for i, p in enumerate(listeners):
+                if not p.is_alive() and not self.stop.is_set():
+                    log.error("ingest listener %d (pid %s) died with exit code %s; restarting it", i, p.pid, p.exitcode)
+                    store.spool.remove_partials(p.pid)
+                    start(i)
+
+        log.info("stopping")
+        self._stop_all(listeners)
+        assemble_thread.join(5)
+        sock.close()
+        store.index.close()
+        lock.close()
+        log.info("stopped")
+        return 0
+
+    @staticmethod
+    def _stop_all(listeners: list[Any]) -> None:
+        for p in listeners:
+            if p is not None and p.is_alive():
+                p.terminate()  # SIGTERM: the listener drains and exits
+        for p in listeners:
+            if p is not None:
+                p.join(DRAIN_SECONDS + 3)
+                if p.is_alive():
+                    log.error("listener pid %s did not stop in time; killing it", p.pid)
+                    p.kill()
+                    p.join()
+
+
+def serve(config: Config) -> int:
+    return Supervisor(config).run()

@@ -1,0 +1,286 @@
+"""The SQLite index: the single source of truth for what was received and where each series stands.
+
+WAL mode with ``synchronous=FULL``: a commit that returned is on the disk, so a C-STORE may be answered
+Success right after it. Several processes (listeners, assembler, CLI) share the file; each thread
+gets its own connection because sqlite3 connections are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import StoreError
+from appliance.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+#: Series states of the receiver; later stages add their own (queued, processing, done, ...).
+RECEIVING = "receiving"
+COMPLETE = "complete"
+
+_BUSY_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    patient_id: str | None = None
+    modality: str | None = None
+    description: str | None = None
+
+
+def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(db_path: Path) -> int:
+    """Bring the database to :data:`SCHEMA_VERSION`; returns the version it started at."""
+    conn = connect(db_path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        start = conn.execute("PRAGMA user_version").fetchone()[0]
+        if start > SCHEMA_VERSION:
+            conn.execute("ROLLBACK")
+            raise StoreError(
+                f"the index {db_path} has schema version {start}, newer than this software's "
+                f"{SCHEMA_VERSION}: install the newer appliance version or restore a backup"
+            )
+        for version in range(start, SCHEMA_VERSION):
+            for statement in _split_sql(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+        conn.execute("COMMIT")
+        return start
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise StoreError(f"cannot prepare the index {db_path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (``BEGIN ... END;``) whole."""
+    statements, current = [], []
+    for line in script.splitlines():
+        current.append(line)
+        candidate = "\n".join(current).strip()
+        if candidate.endswith(";") and sqlite3.complete_statement(candidate):
+            statements.append(candidate)
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        statements.append(rest)
+    return statements
+
+
+class Index:
+    """Typed operations on the index; one connection per thread, opened lazily."""
+
+    def __init__(self, db_path: Path, *, readonly: bool = False) -> None:
+        self.db_path = db_path
+        self.readonly = readonly
+        self._local = threading.local()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path, readonly=self.readonly)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- ingest -------------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return row is not None
+
+    def add_instance(self, rec: InstanceRecord, association_id: str | None, now: float | None = None) -> bool:
+        """Index a durably written instance; False when it was already there (a duplicate).
+
+        One transaction: the instance row, its series (created, counted, re-opened when it had
+        been complete) and the series-association link that assembly uses.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
+                " instances, bytes, first_received, last_received, state_changed, state_reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 'first instance received')"
+                " ON CONFLICT(series_uid) DO UPDATE SET"
+                "  reopened = reopened + (state <> 'receiving'),"
+                "  state_reason = CASE WHEN state <> 'receiving' THEN 'late instance re-opened the series'"
+                "                 ELSE state_reason END,"
+                "  state_changed = CASE WHEN state <> 'receiving' THEN excluded.state_changed"
+                "                 ELSE state_changed END,"
+                "  state = 'receiving'",
+                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, RECEIVING,
+                 now, now, now),
+            )
+            cur = c.execute(
+                "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
+                " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sop_instance_uid) DO NOTHING",
+                (rec.sop_instance_uid, rec.sop_class_uid, rec.series_uid, rec.study_uid, rec.transfer_syntax,
+                 rec.path, rec.size, now, association_id),
+            )
+            if cur.rowcount == 0:
+                # Lost a race with the same instance on another association: undo the series touch.
+                raise _Duplicate
+            c.execute(
+                "UPDATE series SET instances = instances + 1, bytes = bytes + ?, last_received = ?"
+                " WHERE series_uid = ?",
+                (rec.size, now, rec.series_uid),
+            )
+            if association_id is not None:
+                c.execute(
+                    "INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)",
+                    (rec.series_uid, association_id),
+                )
+        return True
+
+    def add_instance_idempotent(self, rec: InstanceRecord, association_id: str | None) -> bool:
+        try:
+            return self.add_instance(rec, association_id)
+        except _Duplicate:
+            return False
+
+    def open_association(self, association_id: str, calling_ae: str, peer: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO associations(id, calling_ae, peer, opened_at) VALUES (?, ?, ?, ?)",
+                (association_id, calling_ae, peer, time.time()),
+            )
+
+    def close_association(self, association_id: str, outcome: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE associations SET closed_at = ?, outcome = ? WHERE id = ? AND outcome IS NULL",
+                (time.time(), outcome, association_id),
+            )
+
+    def mark_lost_associations(self, before: float | None = None) -> int:
+        """Associations still open in the index belonged to a process that died; they never released."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL AND opened_at < ?",
+                (time.time(), time.time() if before is None else before),
+            )
+            return cur.rowcount
+
+    def count(self, name: str, label: str = "", n: int = 1) -> None:
+        """Add to a counter (rejections, duplicates...): what the metrics stage will export."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO counters(name, label, value) VALUES (?, ?, ?)"
+                " ON CONFLICT(name, label) DO UPDATE SET value = value + excluded.value",
+                (name, label, n),
+            )
+
+    def counters(self) -> dict[tuple[str, str], int]:
+        return {(r["name"], r["label"]): r["value"] for r in self.conn.execute("SELECT * FROM counters")}
+
+    # -- assemble -----------------------------------------------------------------------------------
+
+    def complete_quiet_series(self, now: float, stable_seconds: float, grace_seconds: float) -> list[str]:
+        """Mark series complete that went quiet or whose every delivering association released.
+
+        The release rule needs every association that delivered to the series to have released
+        normally (an abort or a crash means the sender may not be finished) and the grace to have
+        passed since the last of those releases.
+        """
+        with self.transaction() as c:
+            quiet = [
+                r[0] for r in c.execute(
+                    "SELECT series_uid FROM series WHERE state = 'receiving' AND last_received <= ?",
+                    (now - stable_seconds,),
+                )
+            ]
+            released = [
+                r[0] for r in c.execute(
+                    "SELECT s.series_uid FROM series s"
+                    " JOIN series_associations sa ON sa.series_uid = s.series_uid"
+                    " JOIN associations a ON a.id = sa.association_id"
+                    " WHERE s.state = 'receiving' AND s.last_received > ?"
+                    " GROUP BY s.series_uid"
+                    " HAVING SUM(a.outcome IS NOT 'released') = 0"
+                    "    AND MAX(a.closed_at) <= ? AND MAX(a.closed_at) >= s.last_received",
+                    (now - stable_seconds, now - grace_seconds),
+                )
+            ]
+            for uids, reason in ((quiet, f"no new instance for {stable_seconds:g} s"),
+                                 (released, f"sender released the association {grace_seconds:g} s ago")):
+                c.executemany(
+                    "UPDATE series SET state = 'complete', state_changed = ?, state_reason = ?"
+                    " WHERE series_uid = ? AND state = 'receiving'",
+                    [(now, reason, u) for u in uids],
+                )
+        return quiet + released
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def list_series(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT study_uid, series_uid, modality, instances, state, first_received, last_received,"
+            " patient_id, description, bytes, reopened, state_reason FROM series ORDER BY first_received"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at", (series_uid,)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def series_events(self, series_uid: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT at, from_state, to_state, reason FROM series_events WHERE series_uid = ? ORDER BY id",
+            (series_uid,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+
+class _Duplicate(Exception):
+    """Internal: the instance row already existed; rolls the transaction back."""

@@ -1,0 +1,142 @@
+"""The spool: received instances as files, written so that a power cut never leaves a half file.
+
+Every file is written under ``.incoming/`` on the same filesystem, flushed to the disk, renamed into
+place and its directory flushed too; only then may the index say it exists. A crash before the
+rename leaves a ``.part`` file that the next start removes; a crash after it leaves a complete file.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from appliance.errors import InvalidUIDError, StoreError
+
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+UID_MAX_LENGTH = 64
+INCOMING_DIR = ".incoming"
+PART_SUFFIX = ".part"
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return ``value`` as a UID string, or raise: digits and dots only, at most 64 characters.
+
+    This is what lets a UID become a path part without any chance of ``..`` or ``/``.
+    """
+    uid = str(value).rstrip("\x00 ") if value is not None else ""
+    if not uid:
+        raise InvalidUIDError(f"{what} is missing")
+    if len(uid) > UID_MAX_LENGTH:
+        raise InvalidUIDError(f"{what} {uid[:80]!r} is longer than {UID_MAX_LENGTH} characters")
+    if not _UID_RE.fullmatch(uid):
+        raise InvalidUIDError(f"{what} {uid[:80]!r} is not a DICOM UID (digits and dots only)")
+    return uid
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskFullError(StoreError):
+    """The filesystem ran out of space (or is below the configured reserve)."""
+
+
+class Spool:
+    """Durable file storage for instances under ``<data>/spool``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / INCOMING_DIR
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        self._seq = itertools.count()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(exist_ok=True)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance lives; all three must have passed :func:`check_uid`."""
+        return self.root / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def write(self, final: Path, chunks: Sequence[bytes | memoryview]) -> int:
+        """Write ``chunks`` durably to ``final``; returns the size. Nothing is left behind on failure."""
+        tmp = self.incoming / f"{os.getpid()}-{next(self._seq)}{PART_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                size = _write_all(fd, chunks)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._ensure_dir(final.parent)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
+            raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return size
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing = []
+            p = path
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    pass
+                fsync_dir(d.parent)  # the new directory entry itself must survive a power cut
+            self._known_dirs.add(path)
+
+    def remove_partials(self, pid: int | None = None) -> int:
+        """Delete leftovers of interrupted writes (all, or those of one dead process)."""
+        pattern = f"{pid}-*{PART_SUFFIX}" if pid is not None else f"*{PART_SUFFIX}"
+        removed = 0
+        for p in self.incoming.glob(pattern):
+            _unlink_quietly(p)
+            removed += 1
+        if removed:
+            fsync_dir(self.incoming)
+        return removed
+
+
+def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+    views = [memoryview(c) for c in chunks if len(c)]
+    total = sum(len(v) for v in views)
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
