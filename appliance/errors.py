@@ -15,3 +15,7 @@ class StoreError(ApplianceError):
 
 class InvalidUIDError(ApplianceError):
     """A DICOM UID is not digits and dots of at most 64 characters, so it must not become a path."""
+
+
+class MissingUIDError(InvalidUIDError):
+    """A UID the appliance needs (SOP Instance, Series, Study, SOP Class) is absent or empty."""

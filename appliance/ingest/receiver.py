@@ -7,18 +7,18 @@ adapts pynetdicom's C-STORE event to :meth:`Receiver.store`.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from appliance import IMPLEMENTATION_VERSION_NAME
-from appliance.errors import InvalidUIDError, StoreError
+from appliance.errors import InvalidUIDError, MissingUIDError, StoreError
 from appliance.ingest.status import StoreStatus
 from appliance.store import DiskFullError, InstanceRecord, Store, check_uid
 
@@ -31,6 +31,49 @@ _HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
     "SeriesDescription",
 )
+
+
+class UnreadableDatasetError(ValueError):
+    """The received bytes are not a well-formed dataset in the negotiated transfer syntax."""
+
+
+def parse_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, Any]:
+    """Walk every element of ``dataset`` (pixel values are not decoded) and return the header values
+    ingest needs; raise :class:`UnreadableDatasetError` for anything pydicom cannot parse.
+
+    pydicom is lenient: it reads a truncated value short and falls back to implicit VR on garbage.
+    An instance stored like that would fail later, far from the sender, so both are refused here.
+    """
+    ts = UID(str(transfer_syntax))
+    expect_implicit = ts.is_implicit_VR
+    raw = bytes(dataset)
+    try:
+        if ts.is_deflated:
+            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        ds = read_dataset(BytesIO(raw), expect_implicit, ts.is_little_endian)
+        elements = list(ds._dict.values())
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise UnreadableDatasetError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
+    if not elements:
+        raise UnreadableDatasetError("dataset is empty")
+    last = 0
+    for elem in elements:
+        if getattr(elem, "is_implicit_VR", expect_implicit) != expect_implicit:
+            raise UnreadableDatasetError(
+                f"element {elem.tag} is not encoded as {ts.name} says (explicit/implicit VR mix-up)")
+        tag = int(elem.tag)
+        if tag <= last:
+            raise UnreadableDatasetError(f"element {elem.tag} is out of order: not a well-formed dataset")
+        last = tag
+    tail = elements[-1]
+    length, value = getattr(tail, "length", None), getattr(tail, "value", None)
+    if length not in (None, 0xFFFFFFFF) and value is not None and len(value) < length:
+        raise UnreadableDatasetError(
+            f"dataset is truncated: element {tail.tag} has {len(value)} of its {length} bytes")
+    try:
+        return {k: ds.get(k) for k in _HEADER_TAGS}
+    except Exception as exc:
+        raise UnreadableDatasetError(f"header cannot be decoded: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -60,27 +103,18 @@ class Receiver:
         """Make ``dataset`` (encoded as received, without file meta) durable and indexed."""
         if self.stopping.is_set():
             return self._refuse(StoreStatus.SHUTTING_DOWN, "appliance is shutting down; resend later", calling_ae)
+        meta = _file_meta(affected_sop_class_uid, affected_sop_instance_uid, transfer_syntax, calling_ae)
         try:
-            meta = _file_meta(affected_sop_class_uid, affected_sop_instance_uid, transfer_syntax, calling_ae)
-        except (ValueError, TypeError) as exc:
-            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, f"cannot build file meta: {exc}", calling_ae)
-        header_and_data = (meta, dataset)
-        try:
-            ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=False)
-            values = {k: ds.get(k) for k in _HEADER_TAGS}
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError,
-                AttributeError, IndexError, LookupError) as exc:
-            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", calling_ae)
-        except Exception as exc:  # pydicom raises a wide range of types on corrupt input
-            return self._refuse(StoreStatus.CANNOT_UNDERSTAND,
-                                f"dataset cannot be parsed: {type(exc).__name__}: {exc}", calling_ae)
+            values = parse_header(dataset, transfer_syntax)
+        except UnreadableDatasetError as exc:
+            return self._refuse(StoreStatus.CANNOT_UNDERSTAND, str(exc), calling_ae)
         try:
             sop_class = check_uid(values["SOPClassUID"], "SOP Class UID")
             sop_uid = check_uid(values["SOPInstanceUID"], "SOP Instance UID")
             study_uid = check_uid(values["StudyInstanceUID"], "Study Instance UID")
             series_uid = check_uid(values["SeriesInstanceUID"], "Series Instance UID")
         except InvalidUIDError as exc:
-            status = StoreStatus.MISSING_UID if "missing" in str(exc) else StoreStatus.INVALID_UID
+            status = StoreStatus.MISSING_UID if isinstance(exc, MissingUIDError) else StoreStatus.INVALID_UID
             return self._refuse(status, str(exc), calling_ae)
         if sop_uid != str(affected_sop_instance_uid).rstrip("\x00 "):
             return self._refuse(
@@ -110,7 +144,7 @@ class Receiver:
                     calling_ae,
                 )
             path = self.store.spool.instance_path(study_uid, series_uid, sop_uid)
-            self.store.spool.write(path, header_and_data)
+            self.store.spool.write(path, (meta, dataset))
             rec = InstanceRecord(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid, series_uid=series_uid,
                 transfer_syntax=str(transfer_syntax), path=str(path.relative_to(self.store.spool.root)),
@@ -146,17 +180,34 @@ def _text(value: object) -> str | None:
     return s or None
 
 
+def _element(tag_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2s2xI", 0x0002, tag_elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, tag_elem, vr, len(value)) + value
+
+
 def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_ae: str) -> bytes:
-    """Preamble, 'DICM' and the File Meta Information group for a received dataset."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(str(sop_class).rstrip("\x00 "))
-    meta.MediaStorageSOPInstanceUID = UID(str(sop_instance).rstrip("\x00 "))
-    meta.TransferSyntaxUID = UID(str(transfer_syntax))
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if calling_ae:
-        meta.SourceApplicationEntityTitle = calling_ae.strip()[:16]
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
+    """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1) for a received dataset.
+
+    Encoded directly (Explicit VR Little Endian, as the standard fixes it): building it through
+    pydicom's validating Dataset cost ~1 ms an instance, a third of our own per-instance time.
+    UIDs are written as given; the receiver validates them before anything reaches the disk.
+    """
+    def ui(v: str) -> bytes:
+        return str(v).rstrip("\x00 ").encode("ascii", "replace")
+
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+        _element(0x0002, b"UI", ui(sop_class), b"\x00"),
+        _element(0x0003, b"UI", ui(sop_instance), b"\x00"),
+        _element(0x0010, b"UI", ui(transfer_syntax), b"\x00"),
+        _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+        _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
+        _element(0x0016, b"AE", calling_ae.strip()[:16].encode("ascii", "replace"), b" ") if calling_ae.strip() else b"",
+    ))
+    return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import uuid
 from typing import Any, Protocol
@@ -61,6 +62,12 @@ class SharedSocketServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         # Only this process's descriptor: shutdown() would stop the other listeners accepting too.
         self.socket.close()
+
+    def shutdown(self) -> None:
+        # pynetdicom's shutdown() also unregisters from AE.start_server's list, which make_server
+        # never joined; stop serving and close, nothing more.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 class Ingest:

@@ -1,7 +1,166 @@
-"""Performance adjustments to pynetdicom, measured before they were made (see scripts/bench_ingest.py)."""
+"""Performance adjustments to pynetdicom 3.0.4, each found by profiling (see README, "Ingest speed").
+
+pynetdicom runs two polling loops per association: the DUL thread reads PDUs and sends queued
+ones, sleeping 1 ms whenever it finds nothing to do; the association thread sleeps 1 ms before every
+look for a complete DIMSE message. One C-STORE waits on three of these sleeps (dataset complete ->
+handler, response -> socket, next request -> read), ~1.5 ms an instance, and every idle
+association wakes 2000 times a second. Here the same loops wait *for the thing they poll for*:
+
+* the DUL thread waits in ``select`` on its socket and a wake-up pipe that ``send_pdu`` writes to,
+* the association thread (acceptors only) waits on its DIMSE queue's condition,
+
+each with a cap so timers, release and abort are still noticed promptly. Socket reads land in one
+pre-sized buffer (``recv_into``) instead of 4 KiB pieces appended together.
+
+The patches are applied only to the pinned version; for any other the appliance logs that it runs
+pynetdicom unmodified. ``APPLIANCE_PYNETDICOM_TUNING=0`` turns them off (used by the benchmark to
+show what they are worth).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any
 
-def tune_pynetdicom() -> None:
-    """Apply the adjustments in this process; idempotent."""
+import pynetdicom
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom import transport as _transport
+
+log = logging.getLogger("appliance.ingest")
+
+TUNED_VERSION = "3.0.4"
+#: Longest a DUL thread waits without data or work before re-checking its timers and kill flag.
+DUL_WAIT_CAP = 0.02
+#: Longest an acceptor's association thread waits for a DIMSE message before checking release/abort.
+ASSOC_WAIT_CAP = 0.005
+
+_applied = False
+
+
+class _ReactorClock:
+    """Stands in for the ``time`` module inside pynetdicom's reactor modules.
+
+    Everything is the real ``time`` except ``sleep`` called from a reactor thread that has a
+    wait strategy attached: it waits for its work instead of sleeping blindly.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        wait = getattr(threading.current_thread(), "_edge_wait", None)
+        if wait is None:
+            time.sleep(seconds)
+        else:
+            wait(seconds)
+
+
+def _dul_wait(dul: Any, seconds: float) -> None:
+    wrapped = dul.socket
+    sock = getattr(wrapped, "socket", None) if wrapped is not None else None
+    if sock is None or isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0:
+        # TLS may hold decrypted bytes select() cannot see: keep pynetdicom's polling there.
+        time.sleep(seconds)
+        return
+    try:
+        ready, _, _ = select.select([sock, dul._edge_wake_r], [], [], DUL_WAIT_CAP)
+    except (OSError, ValueError):
+        time.sleep(seconds)
+        return
+    if dul._edge_wake_r in ready:
+        try:
+            while dul._edge_wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _assoc_wait(assoc: Any, seconds: float) -> None:
+    q = assoc.dimse.msg_queue
+    with q.not_empty:
+        if not q.queue:
+            q.not_empty.wait(ASSOC_WAIT_CAP)
+
+
+def _recv(self: Any, nr_bytes: int) -> bytearray:
+    """Read exactly ``nr_bytes`` (fewer only if the peer closed), into one buffer."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nr_bytes:
+        n = self.socket.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            view.release()
+            del buf[got:]
+            return buf
+        got += n
+    view.release()
+    return buf
+
+
+def tune_pynetdicom() -> bool:
+    """Apply the adjustments in this process; returns whether they are active. Idempotent."""
+    global _applied
+    if _applied:
+        return True
+    if os.environ.get("APPLIANCE_PYNETDICOM_TUNING", "1") == "0":
+        log.info("pynetdicom tuning disabled by APPLIANCE_PYNETDICOM_TUNING=0")
+        return False
+    if pynetdicom.__version__ != TUNED_VERSION:
+        log.warning("pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
+                    pynetdicom.__version__, TUNED_VERSION)
+        return False
+
+    dul_cls = _dul.DULServiceProvider
+    orig_dul_init = dul_cls.__init__
+    orig_send_pdu = dul_cls.send_pdu
+    orig_dul_run = dul_cls.run_reactor
+    orig_assoc_run = _association.Association._run_reactor
+
+    def dul_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig_dul_init(self, *args, **kwargs)
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._edge_wake_r, self._edge_wake_w = r, w
+        self._edge_wait = lambda seconds: _dul_wait(self, seconds)
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        orig_send_pdu(self, primitive)
+        try:
+            self._edge_wake_w.send(b"\0")
+        except (BlockingIOError, OSError, AttributeError):
+            pass  # a full pipe already means "wake up"; a closed one, that the DUL is gone
+
+    def dul_run(self: Any) -> None:
+        try:
+            orig_dul_run(self)
+        finally:
+            self._edge_wake_r.close()
+            self._edge_wake_w.close()
+
+    def assoc_run(self: Any) -> None:
+        # Only acceptors: a requestor's user thread pauses the reactor between its own messages,
+        # and a longer wait there would slow every send.
+        if self.is_acceptor:
+            self._edge_wait = lambda seconds: _assoc_wait(self, seconds)
+        orig_assoc_run(self)
+
+    dul_cls.__init__ = dul_init  # type: ignore[method-assign]
+    dul_cls.send_pdu = send_pdu  # type: ignore[method-assign]
+    dul_cls.run_reactor = dul_run  # type: ignore[method-assign]
+    _association.Association._run_reactor = assoc_run  # type: ignore[method-assign]
+    _dul.time = _ReactorClock()  # type: ignore[assignment]
+    _association.time = _ReactorClock()  # type: ignore[assignment]
+    _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    _applied = True
+    log.debug("pynetdicom %s tuned: event-driven reactor waits, single-buffer socket reads", TUNED_VERSION)
+    return True

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance.errors import InvalidUIDError, StoreError
+from appliance.errors import InvalidUIDError, MissingUIDError, StoreError
 
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 UID_MAX_LENGTH = 64
@@ -30,7 +30,7 @@ def check_uid(value: object, what: str) -> str:
     """
     uid = str(value).rstrip("\x00 ") if value is not None else ""
     if not uid:
-        raise InvalidUIDError(f"{what} is missing")
+        raise MissingUIDError(f"{what} is missing")
     if len(uid) > UID_MAX_LENGTH:
         raise InvalidUIDError(f"{what} {uid[:80]!r} is longer than {UID_MAX_LENGTH} characters")
     if not _UID_RE.fullmatch(uid):
