@@ -16,7 +16,7 @@ from appliance import logs
 from appliance.config import Config
 from appliance.ingest.receiver import Receiver
 from appliance.ingest.scp import AssociationSlots, Ingest
-from appliance.ingest.tuning import tune_pynetdicom
+from appliance.ingest.tuning import quiet_pydicom_validation, tune_pynetdicom
 from appliance.store import Store
 
 log = logging.getLogger("appliance.ingest")
@@ -33,6 +33,7 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     tune_pynetdicom()
+    quiet_pydicom_validation()
     store = Store.open(config.storage.data_dir)
     receiver = Receiver(store, config.storage.min_free_bytes)
     ingest = Ingest(config, receiver, slots, slot)

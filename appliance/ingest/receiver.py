@@ -143,11 +143,11 @@ class Receiver:
                     f"only {free} bytes free on the data filesystem, reserve is {self.min_free_bytes}",
                     calling_ae,
                 )
-            path = self.store.spool.instance_path(study_uid, series_uid, sop_uid)
-            self.store.spool.write(path, (meta, dataset))
+            relpath = self.store.spool.instance_relpath(study_uid, series_uid, sop_uid)
+            self.store.spool.write(relpath, (meta, dataset))
             rec = InstanceRecord(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid, series_uid=series_uid,
-                transfer_syntax=str(transfer_syntax), path=str(path.relative_to(self.store.spool.root)),
+                transfer_syntax=str(transfer_syntax), path=relpath,
                 size=size, patient_id=_text(values["PatientID"]), modality=_text(values["Modality"]),
                 description=_text(values["SeriesDescription"]),
             )
