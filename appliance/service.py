@@ -29,6 +29,9 @@ from appliance.store import Store
 log = logging.getLogger("appliance.service")
 
 READY_TIMEOUT = 60.0
+#: A listener that dies more than MAX_RESTARTS times within RESTART_WINDOW seconds stops the appliance.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
 
 
 class StartupError(ApplianceError):
@@ -109,12 +112,22 @@ class Supervisor:
         assemble_thread = threading.Thread(target=assembler.run, args=(self.stop,), name="assemble", daemon=True)
         assemble_thread.start()
 
+        restarts: list[float] = []
         while not self.stop.wait(0.5):
             for i, p in enumerate(listeners):
-                if not p.is_alive() and not self.stop.is_set():
-                    log.error("ingest listener %d (pid %s) died with exit code %s; restarting it", i, p.pid, p.exitcode)
-                    store.spool.remove_partials(p.pid)
-                    start(i)
+                if p.is_alive() or self.stop.is_set():
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    log.error("ingest listeners died %d times within %.0f s; giving up (see the errors above)",
+                              len(restarts), RESTART_WINDOW)
+                    self._stop_all(listeners)
+                    raise StartupError("ingest listeners keep dying; the appliance stopped")
+                log.error("ingest listener %d (pid %s) died with exit code %s; restarting it", i, p.pid, p.exitcode)
+                store.spool.remove_partials(p.pid)
+                store.index.mark_lost_associations(p.pid)
+                start(i)
 
         log.info("stopping")
         self._stop_all(listeners)

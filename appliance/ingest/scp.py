@@ -15,7 +15,7 @@ import uuid
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -26,6 +26,12 @@ from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, Receiver
 from appliance.ingest.status import (REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED, StoreStatus)
 
 log = logging.getLogger("appliance.ingest")
+
+
+#: pynetdicom accepts, per proposed context, the first syntax of *this* list the sender offered. Explicit
+#: VR Little Endian first: it keeps each element's VR (private tags included) and every SCU can send
+#: it; pydicom's own order starts with Implicit VR, which made storescu convert Explicit VR files.
+ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian]
 
 
 class AssociationSlots(Protocol):
@@ -124,7 +130,7 @@ class Ingest:
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Any]]:
@@ -144,9 +150,20 @@ class Ingest:
 
     # -- association policy ------------------------------------------------------------------------
 
+    @staticmethod
+    def _reject(assoc: Any, reason: tuple[int, int, int]) -> None:
+        """Send A-ASSOCIATE-RJ and wait until it went out, as pynetdicom does for its own rejections.
+
+        Returning straight away would let pynetdicom close the socket first: the sender then
+        reports an abort instead of the reason.
+        """
+        assoc.acse.send_reject(*reason)
+        assoc.kill()
+
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
+        # requestor.ae_title is only filled in later, during negotiation; the request has it now.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         host = assoc.requestor.address
         if self._allowed and not any(ae == calling and (h is None or h == host) for ae, h in self._allowed):
             known_ae = any(ae == calling for ae, _ in self._allowed)
@@ -154,7 +171,7 @@ class Ingest:
                 f"calling AE title {calling!r} is not in allowed_callers"
             log.warning("association from %s:%s rejected: %s", host, assoc.requestor.port, why)
             self.receiver.store.index.count("ingest_rejected_associations", "calling_ae_not_allowed")
-            assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+            self._reject(assoc, REJECT_CALLING_AE_NOT_RECOGNIZED)
             return
         if self.slots is not None:
             with self.slots.get_lock():
@@ -167,7 +184,7 @@ class Ingest:
                 log.warning("association from %s (%s) rejected: max_associations=%d already open",
                             calling, host, self.config.dicom.max_associations)
                 self.receiver.store.index.count("ingest_rejected_associations", "local_limit_exceeded")
-                assoc.acse.send_reject(*REJECT_LOCAL_LIMIT_EXCEEDED)
+                self._reject(assoc, REJECT_LOCAL_LIMIT_EXCEEDED)
                 return
             with self._lock:
                 self._counted.add(id(assoc))

@@ -7,6 +7,7 @@ gets its own connection because sqlite3 connections are not thread-safe.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -190,8 +191,8 @@ class Index:
     def open_association(self, association_id: str, calling_ae: str, peer: str) -> None:
         with self.transaction() as c:
             c.execute(
-                "INSERT INTO associations(id, calling_ae, peer, opened_at) VALUES (?, ?, ?, ?)",
-                (association_id, calling_ae, peer, time.time()),
+                "INSERT INTO associations(id, calling_ae, peer, listener_pid, opened_at) VALUES (?, ?, ?, ?, ?)",
+                (association_id, calling_ae, peer, os.getpid(), time.time()),
             )
 
     def close_association(self, association_id: str, outcome: str) -> None:
@@ -201,13 +202,18 @@ class Index:
                 (time.time(), outcome, association_id),
             )
 
-    def mark_lost_associations(self, before: float | None = None) -> int:
-        """Associations still open in the index belonged to a process that died; they never released."""
+    def mark_lost_associations(self, listener_pid: int | None = None) -> int:
+        """Associations still open in the index whose process died (all, or one listener's): they
+        never released, so only the idle rule may complete their series."""
         with self.transaction() as c:
-            cur = c.execute(
-                "UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL AND opened_at < ?",
-                (time.time(), time.time() if before is None else before),
-            )
+            if listener_pid is None:
+                cur = c.execute("UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL",
+                                (time.time(),))
+            else:
+                cur = c.execute(
+                    "UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL AND listener_pid = ?",
+                    (time.time(), listener_pid),
+                )
             return cur.rowcount
 
     def count(self, name: str, label: str = "", n: int = 1) -> None:

@@ -44,6 +44,7 @@ MIGRATIONS: list[str] = [
         id          TEXT PRIMARY KEY,
         calling_ae  TEXT NOT NULL,
         peer        TEXT NOT NULL,
+        listener_pid INTEGER,
         opened_at   REAL NOT NULL,
         closed_at   REAL,
         outcome     TEXT            -- NULL while open; released | aborted | lost (process died)

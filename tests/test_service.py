@@ -1,0 +1,156 @@
+"""The ``appliance`` command: help, start-up refusals, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (CALLED_AE, appliance_exe, dcmtk_env, need_tool, parse_storescu, pynetdicom_ae,
+                      write_toml)
+from dicom_factory import make_series
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([appliance_exe(), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,expect", [
+    ((), ["serve", "series"]),
+    (("serve",), ["--config"]),
+    (("series",), ["--config", "--json"]),
+])
+def test_help(args: tuple[str, ...], expect: list[str]) -> None:
+    res = run_cli(*args, "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: appliance")
+    for word in expect:
+        assert word in res.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    res = run_cli()
+    assert res.returncode == 2
+    assert "usage:" in res.stderr
+
+
+def test_version() -> None:
+    from appliance import __version__
+
+    res = run_cli("--version")
+    assert res.returncode == 0
+    assert __version__ in res.stdout
+
+
+def test_series_without_data_is_an_error(tmp_path: Path) -> None:
+    write_toml(tmp_path / "a.toml", {"storage": {"data_dir": str(tmp_path / "nothing-here")}})
+    res = run_cli("series", "--config", str(tmp_path / "a.toml"))
+    assert res.returncode != 0
+    assert "no appliance data" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_unknown_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[dicom]\nport = 11112\nprot = 1\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    res = run_cli("serve", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "dicom.prot" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "data").exists(), "serve touched the data directory with an invalid config"
+
+
+@pytest.mark.slow
+def test_serve_refuses_bad_value(tmp_path: Path) -> None:
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text('[dicom]\nport = 0\n')
+    res = run_cli("serve", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "dicom.port" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_port_in_use_is_a_clear_error(appliance_factory: Any, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        app = appliance_factory(start=False, dicom={"port": port})
+        res = app.cli("serve", timeout=60)
+    assert res.returncode != 0
+    assert "already in use" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_second_appliance_on_same_data_dir_is_refused(appliance_factory: Any, tmp_path: Path) -> None:
+    first = appliance_factory()
+    second = appliance_factory("second", start=False, storage={"data_dir": str(first.data_dir)})
+    res = second.cli("serve", timeout=60)
+    assert res.returncode != 0
+    assert "already running" in res.stderr
+    assert first.running
+
+
+@pytest.mark.slow
+def test_sigterm_with_idle_association_exits_zero(appliance_factory: Any) -> None:
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    app = appliance_factory()
+    ae = pynetdicom_ae("IDLE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", app.port, ae_title=CALLED_AE)
+    assert assoc.is_established
+    assert app.proc is not None
+    t0 = time.monotonic()
+    app.proc.send_signal(signal.SIGTERM)
+    rc = app.proc.wait(20)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, app.log_tail()
+    assert elapsed < 20
+    # The open association was ended by the appliance, not left hanging.
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established
+    log = app.log_text()
+    assert "stopped" in log
+    assert "Traceback" not in log, "the stop logged a traceback:\n" + app.log_tail()
+
+
+@pytest.mark.slow
+def test_sigterm_during_transfer_keeps_acknowledged_instances(appliance_factory: Any, tmp_path: Path) -> None:
+    series = make_series(tmp_path / "series", 150, rows=64, cols=64)
+    app = appliance_factory()
+    cmd = [need_tool("storescu"), "-v", "-xs", "+sd", "+r", "-aet", "MODALITY", "-aec", CALLED_AE, "127.0.0.1",
+           str(app.port), str(tmp_path / "series")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+    assert proc.stdout is not None and app.proc is not None
+    lines, seen, t0 = [], 0, None
+    for line in proc.stdout:
+        lines.append(line)
+        if t0 is None and "Received Store Response (Success)" in line:
+            seen += 1
+            if seen == 30:
+                app.proc.send_signal(signal.SIGTERM)
+                t0 = time.monotonic()
+    proc.wait(60)
+    assert t0 is not None, "storescu finished before SIGTERM"
+    rc = app.proc.wait(20)
+    assert rc == 0, app.log_tail()
+    assert time.monotonic() - t0 < 20
+    acked = {Path(p).name for p, st in parse_storescu("".join(lines)).items() if st == "Success"}
+    assert len(acked) < len(series), "the stop did not interrupt the transfer"
+    stored = {r["sop_instance_uid"] for r in app.query("SELECT sop_instance_uid FROM instances")}
+    for inst in series:
+        if inst.path.name in acked:
+            assert inst.sop_instance_uid in stored, f"{inst.path.name} acknowledged but not indexed"
+    assert app.partials() == []
+    assert "Traceback" not in app.log_text(), app.log_tail()
