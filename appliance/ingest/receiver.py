@@ -27,6 +27,7 @@ log = logging.getLogger("appliance.ingest")
 #: Our implementation class UID (2.25 form: a UUID-derived root needs no registration).
 IMPLEMENTATION_CLASS_UID = "2.25.147839217442103914553826917716049210111"
 
+_DEFER_BYTES = 4096
 _HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
     "SeriesDescription",
@@ -50,7 +51,8 @@ def parse_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str,
     try:
         if ts.is_deflated:
             raw = zlib.decompress(raw, -zlib.MAX_WBITS)
-        ds = read_dataset(BytesIO(raw), expect_implicit, ts.is_little_endian)
+        # Values over 4 KiB (pixel data) are skipped, not copied; their extent is checked below.
+        ds = read_dataset(BytesIO(raw), expect_implicit, ts.is_little_endian, defer_size=_DEFER_BYTES)
         elements = list(ds._dict.values())
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDatasetError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
@@ -67,9 +69,11 @@ def parse_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str,
         last = tag
     tail = elements[-1]
     length, value = getattr(tail, "length", None), getattr(tail, "value", None)
-    if length not in (None, 0xFFFFFFFF) and value is not None and len(value) < length:
-        raise UnreadableDatasetError(
-            f"dataset is truncated: element {tail.tag} has {len(value)} of its {length} bytes")
+    if length not in (None, 0xFFFFFFFF):
+        have = len(value) if value is not None else len(raw) - getattr(tail, "value_tell", 0)
+        if have < length:
+            raise UnreadableDatasetError(
+                f"dataset is truncated: element {tail.tag} has {max(have, 0)} of its {length} bytes")
     try:
         return {k: ds.get(k) for k in _HEADER_TAGS}
     except Exception as exc:

@@ -8,6 +8,8 @@ association wakes 2000 times a second. Here the same loops wait *for the thing t
 
 * the DUL thread waits in ``select`` on its socket and a wake-up pipe that ``send_pdu`` writes to,
 * the association thread (acceptors only) waits on its DIMSE queue's condition,
+* the Success C-STORE-RSP, sent once per instance, is encoded directly instead of through
+  pydicom datasets (other responses take pynetdicom's path),
 
 each with a cap so timers, release and abort are still noticed promptly. Socket reads land in one
 pre-sized buffer (``recv_into``) instead of 4 KiB pieces appended together.
@@ -24,14 +26,19 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
 
 import pynetdicom
 from pynetdicom import association as _association
+from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
+from pynetdicom import evt
 from pynetdicom import transport as _transport
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger("appliance.ingest")
 
@@ -106,6 +113,32 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return buf
 
 
+def _implicit(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    v = str(uid).encode("ascii")
+    return v + b"\0" if len(v) % 2 else v
+
+
+def encode_store_success(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
+    """The command set of a C-STORE-RSP with Status Success (PS3.7 9.3.1.2), Implicit VR Little Endian.
+
+    Every instance gets one; pynetdicom builds it through pydicom datasets at ~1 ms of CPU each,
+    a quarter of a listener's Python time. The bytes are the same (tested against pynetdicom).
+    """
+    body = b"".join((
+        _implicit(0x0002, _uid_value(sop_class_uid)),
+        _implicit(0x0100, struct.pack("<H", 0x8001)),       # Command Field: C-STORE-RSP
+        _implicit(0x0120, struct.pack("<H", message_id)),   # Message ID Being Responded To
+        _implicit(0x0800, struct.pack("<H", 0x0101)),       # Command Data Set Type: no data set
+        _implicit(0x0900, struct.pack("<H", 0x0000)),       # Status: Success
+        _implicit(0x1000, _uid_value(sop_instance_uid)),
+    ))
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
 def quiet_pydicom_validation() -> None:
     """Skip pydicom's per-value regex validation in a listener process.
 
@@ -131,6 +164,30 @@ def tune_pynetdicom() -> bool:
         log.warning("pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
                     pynetdicom.__version__, TUNED_VERSION)
         return False
+
+    orig_send_msg = _dimse.DIMSEServiceProvider.send_msg
+
+    def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        # Fast path only for the plain Success response; anything else, or anyone listening for
+        # EVT_DIMSE_SENT, goes through pynetdicom unchanged.
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status == 0x0000
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = encode_store_success(
+                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID, primitive.MessageIDBeingRespondedTo
+            )
+            max_pdu = self.maximum_pdu_size
+            if not max_pdu or len(command) + 1 + 6 <= max_pdu:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # command, last fragment
+                self.dul.send_pdu(pdata)
+                return
+        orig_send_msg(self, primitive, context_id)
 
     dul_cls = _dul.DULServiceProvider
     orig_dul_init = dul_cls.__init__
@@ -174,6 +231,7 @@ def tune_pynetdicom() -> bool:
     _dul.time = _ReactorClock()  # type: ignore[assignment]
     _association.time = _ReactorClock()  # type: ignore[assignment]
     _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    _dimse.DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]
     _applied = True
     log.debug("pynetdicom %s tuned: event-driven reactor waits, single-buffer socket reads", TUNED_VERSION)
     return True

@@ -104,6 +104,8 @@ class Index:
         self.db_path = db_path
         self.readonly = readonly
         self._local = threading.local()
+        #: (series, association) links already committed, so most instances skip that statement.
+        self._linked: set[tuple[str, str | None]] = set()
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -139,28 +141,33 @@ class Index:
         return row is not None
 
     def add_instance(self, rec: InstanceRecord, association_id: str | None, now: float | None = None) -> bool:
-        """Index a durably written instance; False when it was already there (a duplicate).
+        """Index a durably written instance; raises ``_Duplicate`` when it was already there.
 
-        One transaction: the instance row, its series (created, counted, re-opened when it had
-        been complete) and the series-association link that assembly uses.
+        One transaction: the series (created, counted, re-opened when it had been complete), the
+        instance row and, once per association and series, the link that assembly uses. Three
+        statements and one commit: this runs for every instance received.
         """
         now = time.time() if now is None else now
-        with self.transaction() as c:
-            cur = c.execute(
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
                 "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
                 " instances, bytes, first_received, last_received, state_changed, state_reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 'first instance received')"
+                " VALUES (?, ?, ?, ?, ?, 'receiving', 1, ?, ?, ?, ?, 'first instance received')"
                 " ON CONFLICT(series_uid) DO UPDATE SET"
+                "  instances = instances + 1, bytes = bytes + excluded.bytes,"
+                "  last_received = excluded.last_received,"
                 "  reopened = reopened + (state <> 'receiving'),"
                 "  state_reason = CASE WHEN state <> 'receiving' THEN 'late instance re-opened the series'"
                 "                 ELSE state_reason END,"
                 "  state_changed = CASE WHEN state <> 'receiving' THEN excluded.state_changed"
                 "                 ELSE state_changed END,"
                 "  state = 'receiving'",
-                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, RECEIVING,
+                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, rec.size,
                  now, now, now),
             )
-            cur = c.execute(
+            cur = conn.execute(
                 "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
                 " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(sop_instance_uid) DO NOTHING",
@@ -170,16 +177,19 @@ class Index:
             if cur.rowcount == 0:
                 # Lost a race with the same instance on another association: undo the series touch.
                 raise _Duplicate
-            c.execute(
-                "UPDATE series SET instances = instances + 1, bytes = bytes + ?, last_received = ?"
-                " WHERE series_uid = ?",
-                (rec.size, now, rec.series_uid),
-            )
-            if association_id is not None:
-                c.execute(
-                    "INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)",
-                    (rec.series_uid, association_id),
+            link = (rec.series_uid, association_id)
+            if association_id is not None and link not in self._linked:
+                conn.execute(
+                    "INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)", link
                 )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if association_id is not None:
+            self._linked.add(link)
+            if len(self._linked) > 10_000:  # a cache, not a record: the rows are in the table
+                self._linked.clear()
         return True
 
     def add_instance_idempotent(self, rec: InstanceRecord, association_id: str | None) -> bool:

@@ -91,7 +91,7 @@ class Spool:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            parent = os.path.dirname(final)
+            parent = final[: final.rindex("/")]
             self._ensure_dir(parent)
             os.rename(tmp, final)
             fsync_dir(parent)
