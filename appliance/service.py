@@ -143,9 +143,10 @@ class Supervisor:
         for p in listeners:
             if p is not None and p.is_alive():
                 p.terminate()  # SIGTERM: the listener drains and exits
+        deadline = time.monotonic() + DRAIN_SECONDS + 3  # listeners drain in parallel: one budget for all
         for p in listeners:
             if p is not None:
-                p.join(DRAIN_SECONDS + 3)
+                p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
                     log.error("listener pid %s did not stop in time; killing it", p.pid)
                     p.kill()

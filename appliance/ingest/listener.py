@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from appliance import logs
@@ -22,7 +23,7 @@ from appliance.store import Store
 log = logging.getLogger("appliance.ingest")
 
 #: How long in-flight C-STOREs get to finish after SIGTERM before the process exits anyway.
-DRAIN_SECONDS = 10.0
+DRAIN_SECONDS = 8.0
 
 
 def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, slot: int, ready: Any) -> None:
@@ -54,7 +55,8 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
             assoc.abort()
         except Exception:  # the peer may already be gone
             pass
+    deadline = time.monotonic() + DRAIN_SECONDS  # one budget for all, not one each
     for assoc in assocs:
-        assoc.join(DRAIN_SECONDS)
+        assoc.join(max(0.0, deadline - time.monotonic()))
     store.index.close()
     log.info("listener %d stopped (%d association(s) ended)", slot, len(assocs))

@@ -235,17 +235,18 @@ class Ingest:
     def on_store(self, event: evt.Event) -> int | Dataset:
         req = event.request
         stream = req.DataSet
-        data = stream.getbuffer() if stream is not None else memoryview(b"")
         with self._lock:
             aid = self._ids.get(id(event.assoc))
-        outcome = self.receiver.store_instance(
-            data,
-            event.context.transfer_syntax,
-            req.AffectedSOPClassUID,
-            req.AffectedSOPInstanceUID,
-            event.assoc.requestor.ae_title,
-            aid,
-        )
+        # A view, not a copy, of the received bytes; released before pynetdicom closes the stream.
+        with (stream.getbuffer() if stream is not None else memoryview(b"")) as data:
+            outcome = self.receiver.store_instance(
+                data,
+                event.context.transfer_syntax,
+                req.AffectedSOPClassUID,
+                req.AffectedSOPInstanceUID,
+                event.assoc.requestor.ae_title,
+                aid,
+            )
         if outcome.status == StoreStatus.SUCCESS:
             return 0x0000
         # A failure carries its reason to the sender's log (Error Comment, at most 64 characters).
