@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import struct
+import subprocess
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -330,3 +332,45 @@ def test_sender_first_choice_explicit_vr_is_accepted(shared_appliance: Appliance
         f"stored as {back.file_meta.TransferSyntaxUID.name}; storescu said: " + \
         " | ".join(line for line in out.splitlines() if "Converting" in line)
     assert back.private_block(0x0009, "ACME 1.0")[0x01].VR == "DS"
+
+
+# -- full disk (a real ENOSPC, not the configured reserve) ------------------------------------------------
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: the only honest way to make the disk really fill up in a test."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_disk_refuses_with_a700_and_keeps_what_it_acknowledged(
+    appliance_factory: Any, tmp_path: Path, tiny_filesystem: Path
+) -> None:
+    app = appliance_factory(storage={"data_dir": str(tiny_filesystem / "data"), "min_free_bytes": 0})
+    app.data_dir = tiny_filesystem / "data"
+    series = make_series(tmp_path / "big", 24, rows=512, cols=512)  # 24 x 512 KiB: more than 4 MiB
+    res = run_storescu(app, tmp_path / "big", extra=("-nh",))
+    out = res.stdout + res.stderr
+    statuses = parse_storescu(out)
+    assert len(statuses) == len(series), out
+    ok = [p for p, st in statuses.items() if st == "Success"]
+    refused = [st for st in statuses.values() if st != "Success"]
+    assert ok and refused, out  # some fitted, the rest did not
+    for status in refused:
+        assert re.sub(r"[^a-z]", "", status.lower()).endswith("outofresources"), out
+    # Everything acknowledged is indexed and on disk; nothing else is; no partial files.
+    indexed = {r["sop_instance_uid"] for r in app.query("SELECT sop_instance_uid FROM instances")}
+    acked = {inst.sop_instance_uid for inst in series if str(inst.path) in ok}
+    assert indexed == acked
+    assert len(app.spool_files()) == len(acked)
+    assert app.partials() == []
+    assert run_echoscu(app).returncode == 0

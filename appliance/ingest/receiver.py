@@ -7,6 +7,7 @@ adapts pynetdicom's C-STORE event to :meth:`Receiver.store`.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 import threading
 import zlib
@@ -155,9 +156,20 @@ class Receiver:
                 size=size, patient_id=_text(values["PatientID"]), modality=_text(values["Modality"]),
                 description=_text(values["SeriesDescription"]),
             )
-            if not index.add_instance_idempotent(rec, association_id):
+            try:
+                added = index.add_instance_idempotent(rec, association_id)
+            except BaseException:
+                # Not acknowledged, so the file must not stay: it would be an unindexed orphan.
+                self._discard_unindexed(sop_uid, relpath)
+                raise
+            if not added:
                 index.count("ingest_duplicate_instances")
                 return Outcome(StoreStatus.SUCCESS, "duplicate", duplicate=True)
+        except sqlite3.OperationalError as exc:
+            log.exception("indexing %s failed", sop_uid)
+            if "full" in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
+                return self._refuse(StoreStatus.OUT_OF_RESOURCES, f"index cannot grow: {exc}", calling_ae)
+            return self._refuse(StoreStatus.STORAGE_FAILURE, f"cannot index instance: {exc}", calling_ae)
         except DiskFullError as exc:
             return self._refuse(StoreStatus.OUT_OF_RESOURCES, str(exc), calling_ae)
         except (StoreError, OSError) as exc:
@@ -167,6 +179,13 @@ class Receiver:
             log.exception("storing %s failed", sop_uid)
             return self._refuse(StoreStatus.STORAGE_FAILURE, f"cannot index instance: {exc}", calling_ae)
         return Outcome(StoreStatus.SUCCESS)
+
+    def _discard_unindexed(self, sop_uid: str, relpath: str) -> None:
+        try:
+            if not self.store.index.has_instance(sop_uid):  # another association may have indexed it meanwhile
+                self.store.spool.remove(relpath)
+        except Exception:
+            log.exception("could not remove unindexed file %s", relpath)
 
     def _refuse(self, status: StoreStatus, detail: str, calling_ae: str) -> Outcome:
         log.warning("C-STORE from %s refused with 0x%04X (%s): %s", calling_ae, status, status.name, detail)

@@ -105,6 +105,15 @@ class Spool:
             raise
         return size
 
+    def remove(self, relpath: str) -> None:
+        """Delete a spool file durably (a write whose index row never committed)."""
+        path = f"{self._root}/{relpath}"
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        fsync_dir(path[: path.rindex("/")])
+
     def _ensure_dir(self, path: str) -> None:
         if path in self._known_dirs:
             return
