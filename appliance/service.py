@@ -24,6 +24,7 @@ from appliance.assemble import Assembler
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
+from appliance.ingest.recovery import index_orphans
 from appliance.store import Store
 
 log = logging.getLogger("appliance.service")
@@ -81,6 +82,7 @@ class Supervisor:
         if removed or lost:
             log.warning("recovered after an unclean stop: removed %d partial file(s), %d association(s) never "
                         "released", removed, lost)
+        index_orphans(store)
         sock = _bind(cfg)
         n = cfg.dicom.listener_count()
         slots = self.ctx.Array("i", n)

@@ -150,12 +150,7 @@ class Receiver:
                 )
             relpath = self.store.spool.instance_relpath(study_uid, series_uid, sop_uid)
             self.store.spool.write(relpath, (meta, dataset))
-            rec = InstanceRecord(
-                sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid, series_uid=series_uid,
-                transfer_syntax=str(transfer_syntax), path=relpath,
-                size=size, patient_id=_text(values["PatientID"]), modality=_text(values["Modality"]),
-                description=_text(values["SeriesDescription"]),
-            )
+            rec = instance_record(values, sop_uid, sop_class, study_uid, series_uid, str(transfer_syntax), relpath, size)
             try:
                 added = index.add_instance_idempotent(rec, association_id)
             except BaseException:
@@ -194,6 +189,16 @@ class Receiver:
         except Exception:  # counting must never turn a refusal into a crash
             log.exception("could not count a rejected instance")
         return Outcome(status, detail)
+
+
+def instance_record(values: dict[str, Any], sop_uid: str, sop_class: str, study_uid: str, series_uid: str,
+                    transfer_syntax: str, relpath: str, size: int) -> InstanceRecord:
+    """The index row for a stored instance, from :func:`parse_header`'s values and checked UIDs."""
+    return InstanceRecord(
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid, series_uid=series_uid,
+        transfer_syntax=transfer_syntax, path=relpath, size=size, patient_id=_text(values["PatientID"]),
+        modality=_text(values["Modality"]), description=_text(values["SeriesDescription"]),
+    )
 
 
 def _text(value: object) -> str | None:
