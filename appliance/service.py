@@ -11,7 +11,6 @@ import errno
 import fcntl
 import logging
 import multiprocessing
-import os
 import signal
 import socket
 import threading
@@ -26,6 +25,7 @@ from appliance.errors import ApplianceError
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
 from appliance.store import Store
+from appliance.store.locks import lock_data_dir, wait_for_previous_run
 
 log = logging.getLogger("appliance.service")
 
@@ -54,19 +54,6 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
-def _lock_data_dir(data_dir: Path) -> Any:
-    """One appliance per data directory: two would both think they own the spool."""
-    f = open(data_dir / "appliance.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise StartupError(f"another appliance is already running on data directory {data_dir}") from None
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -76,13 +63,15 @@ class Supervisor:
     def run(self) -> int:
         cfg = self.config
         store = Store.open(cfg.storage.data_dir)
-        lock = _lock_data_dir(store.data_dir)
+        lock = lock_data_dir(store.data_dir)
+        procs_lock = wait_for_previous_run(store.data_dir)
         removed = store.spool.remove_partials()
         lost = store.index.mark_lost_associations()
         if removed or lost:
             log.warning("recovered after an unclean stop: removed %d partial file(s), %d association(s) never "
                         "released", removed, lost)
         index_orphans(store)
+        fcntl.flock(procs_lock, fcntl.LOCK_SH)  # recovery done: from here on, one of the live processes
         sock = _bind(cfg)
         n = cfg.dicom.listener_count()
         slots = self.ctx.Array("i", n)
@@ -136,6 +125,7 @@ class Supervisor:
         assemble_thread.join(5)
         sock.close()
         store.index.close()
+        procs_lock.close()
         lock.close()
         log.info("stopped")
         return 0

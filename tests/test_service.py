@@ -154,3 +154,24 @@ def test_sigterm_during_transfer_keeps_acknowledged_instances(appliance_factory:
             assert inst.sop_instance_uid in stored, f"{inst.path.name} acknowledged but not indexed"
     assert app.partials() == []
     assert "Traceback" not in app.log_text(), app.log_tail()
+
+
+def test_start_waits_for_processes_of_a_killed_run(tmp_path: Path) -> None:
+    """A process of a killed run that is still exiting (blocked in disk I/O) holds processes.lock;
+    recovery must wait for it instead of cleaning up under its feet."""
+    import fcntl
+    import threading
+    import time
+
+    from appliance.store.locks import hold_processes_lock, wait_for_previous_run
+
+    straggler = hold_processes_lock(tmp_path)
+    t = threading.Thread(target=lambda: wait_for_previous_run(tmp_path, timeout=10).close())
+    t.start()
+    time.sleep(0.6)
+    assert t.is_alive(), "recovery began while a process of the previous run still held the lock"
+    straggler.close()
+    t.join(5)
+    assert not t.is_alive()
+    with open(tmp_path / "processes.lock", "a") as f:  # and it let go afterwards
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -19,6 +19,7 @@ from appliance.ingest.receiver import Receiver
 from appliance.ingest.scp import AssociationSlots, Ingest
 from appliance.ingest.tuning import quiet_pydicom_validation, tune_pynetdicom
 from appliance.store import Store
+from appliance.store.locks import hold_processes_lock
 
 log = logging.getLogger("appliance.ingest")
 
@@ -33,9 +34,10 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    store = Store.open(config.storage.data_dir)
+    alive = hold_processes_lock(store.data_dir)  # noqa: F841 (held until this process exits)
     tune_pynetdicom()
     quiet_pydicom_validation()
-    store = Store.open(config.storage.data_dir)
     receiver = Receiver(store, config.storage.min_free_bytes)
     ingest = Ingest(config, receiver, slots, slot)
     ae = ingest.make_ae()
