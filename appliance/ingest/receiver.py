@@ -114,13 +114,11 @@ class Receiver:
         except UnreadableDatasetError as exc:
             return self._refuse(StoreStatus.CANNOT_UNDERSTAND, str(exc), calling_ae)
         try:
-            sop_class = check_uid(values["SOPClassUID"], "SOP Class UID")
-            sop_uid = check_uid(values["SOPInstanceUID"], "SOP Instance UID")
-            study_uid = check_uid(values["StudyInstanceUID"], "Study Instance UID")
-            series_uid = check_uid(values["SeriesInstanceUID"], "Series Instance UID")
+            uids = checked_uids(values)
         except InvalidUIDError as exc:
             status = StoreStatus.MISSING_UID if isinstance(exc, MissingUIDError) else StoreStatus.INVALID_UID
             return self._refuse(status, str(exc), calling_ae)
+        sop_class, sop_uid, study_uid, series_uid = uids.sop_class, uids.sop_instance, uids.study, uids.series
         if sop_uid != str(affected_sop_instance_uid).rstrip("\x00 "):
             return self._refuse(
                 StoreStatus.INSTANCE_UID_MISMATCH,
@@ -150,7 +148,7 @@ class Receiver:
                 )
             relpath = self.store.spool.instance_relpath(study_uid, series_uid, sop_uid)
             self.store.spool.write(relpath, (meta, dataset))
-            rec = instance_record(values, sop_uid, sop_class, study_uid, series_uid, str(transfer_syntax), relpath, size)
+            rec = instance_record(values, uids, str(transfer_syntax), relpath, size)
             try:
                 added = index.add_instance_idempotent(rec, association_id)
             except BaseException:
@@ -191,11 +189,29 @@ class Receiver:
         return Outcome(status, detail)
 
 
-def instance_record(values: dict[str, Any], sop_uid: str, sop_class: str, study_uid: str, series_uid: str,
-                    transfer_syntax: str, relpath: str, size: int) -> InstanceRecord:
+@dataclass(frozen=True)
+class HeaderUIDs:
+    sop_class: str
+    sop_instance: str
+    study: str
+    series: str
+
+
+def checked_uids(values: dict[str, Any]) -> HeaderUIDs:
+    """The four UIDs ingest needs from :func:`parse_header`'s values; raises ``InvalidUIDError``."""
+    return HeaderUIDs(
+        sop_class=check_uid(values["SOPClassUID"], "SOP Class UID"),
+        sop_instance=check_uid(values["SOPInstanceUID"], "SOP Instance UID"),
+        study=check_uid(values["StudyInstanceUID"], "Study Instance UID"),
+        series=check_uid(values["SeriesInstanceUID"], "Series Instance UID"),
+    )
+
+
+def instance_record(values: dict[str, Any], uids: HeaderUIDs, transfer_syntax: str, relpath: str,
+                    size: int) -> InstanceRecord:
     """The index row for a stored instance, from :func:`parse_header`'s values and checked UIDs."""
     return InstanceRecord(
-        sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_uid=study_uid, series_uid=series_uid,
+        sop_instance_uid=uids.sop_instance, sop_class_uid=uids.sop_class, study_uid=uids.study, series_uid=uids.series,
         transfer_syntax=transfer_syntax, path=relpath, size=size, patient_id=_text(values["PatientID"]),
         modality=_text(values["Modality"]), description=_text(values["SeriesDescription"]),
     )

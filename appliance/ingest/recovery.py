@@ -14,8 +14,8 @@ import os
 from pydicom.filereader import read_file_meta_info
 
 from appliance.errors import ApplianceError
-from appliance.ingest.receiver import instance_record, parse_header
-from appliance.store import Store, check_uid
+from appliance.ingest.receiver import checked_uids, instance_record, parse_header
+from appliance.store import Store
 from appliance.store.spool import INCOMING_DIR
 
 log = logging.getLogger("appliance.ingest")
@@ -58,12 +58,10 @@ def _index_file(store: Store, study_uid: str, series_uid: str, name: str) -> int
             raw = f.read()
         start = _PREAMBLE_AND_MAGIC + 12 + int(meta.FileMetaInformationGroupLength)
         values = parse_header(raw[start:], meta.TransferSyntaxUID)
-        sop_uid = check_uid(values["SOPInstanceUID"], "SOP Instance UID")
-        if (sop_uid, check_uid(values["SeriesInstanceUID"], "Series Instance UID"),
-                check_uid(values["StudyInstanceUID"], "Study Instance UID")) != (name[:-4], series_uid, study_uid):
+        uids = checked_uids(values)
+        if (uids.sop_instance, uids.series, uids.study) != (name[:-4], series_uid, study_uid):
             raise ApplianceError("its UIDs do not match its place in the spool")
-        rec = instance_record(values, sop_uid, check_uid(values["SOPClassUID"], "SOP Class UID"), study_uid,
-                              series_uid, str(meta.TransferSyntaxUID), relpath, len(raw))
+        rec = instance_record(values, uids, str(meta.TransferSyntaxUID), relpath, len(raw))
         return 1 if store.index.add_instance_idempotent(rec, None) else 0
     except Exception as exc:  # a file we cannot vouch for stays where it is, for a person to look at
         log.error("spool file %s has no index row and cannot be recovered (%s); left in place", path, exc)
