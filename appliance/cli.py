@@ -73,6 +73,125 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends_here() -> dict[str, str]:
+    """Which backends can run here, and if not, why (for ``models list``)."""
+    out = {}
+    try:
+        import onnxruntime  # noqa: F401
+
+        out["onnxruntime"] = "available (CPU)"
+    except ImportError as exc:
+        out["onnxruntime"] = f"unavailable: {exc}"
+    try:
+        from appliance.infer.backends.tensorrt import probe
+
+        out["tensorrt"] = probe()
+    except Exception as exc:  # BackendUnavailable or a missing optional module
+        out["tensorrt"] = f"unavailable: {exc}"
+    return out
+
+
+def cmd_models_list(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.models.package import find_packages
+
+    models_dir = cfg.inference.resolved_models_dir()
+    packages, refused = find_packages(models_dir)
+    backends = _backends_here()
+    rows = [
+        {
+            "name": p.name, "version": p.version, "task": p.manifest.task, "modality": p.manifest.modality,
+            "labels": {str(lab.value): lab.name for lab in p.labels}, "path": str(p.path),
+            "onnx_sha256": p.onnx_sha256,
+            "backends": {k: v.startswith("available") for k, v in backends.items()},
+        }
+        for p in packages
+    ]
+    if args.json:
+        json.dump({"models_dir": str(models_dir), "models": rows, "refused": refused, "backends": backends},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"models in {models_dir}:")
+    for r in rows:
+        here = ", ".join(k for k, ok in r["backends"].items() if ok)
+        print(f"  {r['name']:<24} {r['version']:<10} {r['task']:<13} {r['modality']:<4} backends here: {here}")
+    for name, why in refused.items():
+        print(f"  {name:<24} REFUSED: {why}")
+    if not rows and not refused:
+        print("  (none)")
+    for k, v in backends.items():
+        print(f"backend {k}: {v}")
+    return 0
+
+
+def cmd_models_verify(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
+    from appliance.models.package import load_package
+
+    path = cfg.inference.resolved_models_dir() / args.name
+    if not path.is_dir():
+        raise ApplianceError(f"no model package {args.name!r} in {path.parent}")
+    pkg = load_package(path)
+    OnnxRuntimeBackend(pkg, threads=1)  # the ONNX loads and its tensor names match the manifest
+    print(f"{pkg.name} {pkg.version}: OK ({len(pkg.manifest.files)} files match their SHA-256; "
+          f"model.onnx loads in ONNX Runtime)")
+    return 0
+
+
+def cmd_models_build_engines(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.infer.backends.tensorrt import build_engine
+    from appliance.models.package import find_packages, load_package
+
+    models_dir = cfg.inference.resolved_models_dir()
+    if args.name:
+        packages = [load_package(models_dir / n) for n in args.name]
+    else:
+        packages, refused = find_packages(models_dir)
+        for name, why in refused.items():
+            print(f"{name}: skipped, package refused: {why}", file=sys.stderr)
+    engines = cfg.storage.data_dir / "engines"
+    for pkg in packages:
+        print(f"{pkg.name}: building {cfg.inference.precision} engine (this can take minutes)...", file=sys.stderr)
+        path, built = build_engine(pkg, cfg.inference.precision, engines)
+        print(f"{pkg.name}: {'built' if built else 'cached'} {path}")
+    return 0
+
+
+def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.infer.backends import open_backend
+    from appliance.infer.pipeline import run_series, write_outputs
+    from appliance.infer.series_files import find_series
+    from appliance.models.package import load_package
+
+    path = cfg.inference.resolved_models_dir() / args.model
+    if not path.is_dir():
+        raise ApplianceError(f"no model package {args.model!r} in {path.parent} (see `appliance models list`)")
+    pkg = load_package(path)
+    files = find_series(Path(args.input_dir), args.series)
+    backend = open_backend(pkg, args.backend or cfg.inference.backend, cfg.inference.precision,
+                           cfg.storage.data_dir / "engines", cfg.inference.threads)
+    print(f"{len(files)} instances; model {pkg.name} {pkg.version} on {backend.name} ({backend.device}, "
+          f"{backend.precision})", file=sys.stderr)
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, i: int, n: int) -> None:
+        pct = 100 * i // n
+        if i == n or pct >= shown.get(stage, -100) + 10:
+            shown[stage] = pct
+            print(f"  {stage}: {i}/{n}", file=sys.stderr)
+
+    result = run_series(files, pkg, backend, progress if not args.quiet else None)
+    out = Path(args.out)
+    write_outputs(result, out)
+    s = result.summary
+    organs = ", ".join(f"{o['name']} {o['volume_ml']:.1f} mL" for o in s["organs"])
+    print(f"{out}/labelmap.npz, {out}/summary.json: {organs}; {s['lesions']['count']} lesion(s); "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in s["timings_s"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -98,6 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate the configuration and print it with all defaults filled in.")
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("models", help="list, verify and prepare model packages",
+                       description="Model packages live in [inference] models_dir (default: the bundled models/).")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    q = msub.add_parser("list", help="installed packages and the backends available here",
+                        description="List valid model packages (name, version, task, backends available here) "
+                                    "and any refused package with the reason.")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("verify", help="check a package's manifest and checksums and load its model",
+                        description="Validate manifest.toml, check every file against its SHA-256 and load "
+                                    "model.onnx in ONNX Runtime. Exit status 2 with the reason if anything is wrong.")
+    q.add_argument("name", help="package name (folder under models_dir)")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_models_verify)
+    q = msub.add_parser("build-engines", help="build TensorRT engines ahead of time",
+                        description="Build (or find cached) TensorRT engines under <data_dir>/engines for every "
+                                    "package, or the ones named, at [inference] precision.")
+    q.add_argument("name", nargs="*", help="package names (default: all)")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_models_build_engines)
+
+    p = sub.add_parser("infer", help="run one series from files through a model, offline",
+                       description="Run the series in INPUT_DIR (DICOM files, searched recursively) through "
+                                   "MODEL with exactly the worker's code, and write OUT/labelmap.npz (labels "
+                                   "uint8 (slices, rows, cols), sop_instance_uids) and OUT/summary.json.")
+    p.add_argument("input_dir", metavar="INPUT_DIR", help="folder with the series' DICOM files")
+    p.add_argument("--model", required=True, help="model package name, e.g. liver-ct-demo")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use when INPUT_DIR holds several")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="override [inference] backend")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    p.set_defaults(func=cmd_infer)
     return parser
 
 

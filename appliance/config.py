@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.errors import ConfigError
 
@@ -97,11 +98,100 @@ class LoggingConfig(_Section):
         return up
 
 
+class InferenceConfig(_Section):
+    #: auto: TensorRT where it imports and a GPU answers, otherwise ONNX Runtime on the CPU.
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["fp16", "fp32"] = "fp16"
+    #: Where model packages live; default: the models/ folder shipped with the appliance.
+    models_dir: Path | None = None
+    #: CPU threads for ONNX Runtime; 0 = one per core.
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    #: A job whose worker dies this many times (crash, kill, out of memory) is marked failed.
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    #: How often the router and the worker look at the store for new work.
+    poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.25
+
+    def resolved_models_dir(self) -> Path:
+        from appliance.models.package import bundled_models_dir
+
+        return self.models_dir if self.models_dir is not None else bundled_models_dir()
+
+
+class Destination(_Section):
+    """A DICOM peer (PACS, viewer) that results are sent to."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    ae_title: str
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+MatchValue = Union[str, list[Union[str, float]]]
+
+
+class Route(_Section):
+    """Which models run on which series: every match condition must hold (see README, Routing)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    models: Annotated[list[str], Field(min_length=1)]
+    destinations: list[str] = Field(default_factory=list)
+    #: Higher runs first (a STAT rule for the emergency CT gets a higher number).
+    priority: int = 0
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        from pydicom.datadict import keyword_dict
+
+        for key, cond in value.items():
+            if key not in keyword_dict:
+                raise ValueError(f"{key!r} is not a DICOM keyword (e.g. Modality, BodyPartExamined)")
+            if isinstance(cond, str):
+                try:
+                    re.compile(cond)
+                except re.error as exc:
+                    raise ValueError(f"{key}: {cond!r} is not a valid regular expression: {exc}") from None
+            elif all(isinstance(v, str) for v in cond):
+                if not cond:
+                    raise ValueError(f"{key}: an empty list matches nothing")
+            elif len(cond) == 2 and all(isinstance(v, (int, float)) for v in cond):
+                if cond[0] > cond[1]:
+                    raise ValueError(f"{key}: range [{cond[0]}, {cond[1]}] has min > max")
+            else:
+                raise ValueError(f"{key}: use a regex string, a list of strings (with '!' exclusions) "
+                                 "or a numeric [min, max]")
+        return value
+
+
+#: The embedded default: contrast CT of the abdomen goes to the bundled demo model.
+DEFAULT_ROUTES: tuple["Route", ...] = ()
+
+
 class Config(_Section):
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=lambda: list(DEFAULT_ROUTES))
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations: each name may appear once")
+        routes = [r.name for r in self.routes]
+        if len(set(routes)) != len(routes):
+            raise ValueError("routes: each name may appear once")
+        for r in self.routes:
+            for d in r.destinations:
+                if d not in names:
+                    raise ValueError(f"routes.{r.name}: destination {d!r} is not defined in [[destinations]]")
+        return self
     #: Where the file came from (None: embedded defaults); relative data_dir resolves against the cwd.
     source: Path | None = Field(default=None, exclude=True)
 
@@ -144,3 +234,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
     cfg = parse_config(data, str(p))
     return cfg.model_copy(update={"source": p})
+
+
+DEFAULT_ROUTES = (
+    # Exclusions only, so a CT without BodyPartExamined (common) still reaches the model.
+    Route(name="liver-ct", match={"Modality": "CT", "BodyPartExamined": ["!HEAD", "!BRAIN", "!NECK", "!SKULL",
+                                                                        "!EXTREMITY", "!KNEE", "!HAND", "!FOOT"]},
+          models=["liver-ct-demo"]),
+)

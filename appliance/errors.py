@@ -19,3 +19,27 @@ class InvalidUIDError(ApplianceError):
 
 class MissingUIDError(InvalidUIDError):
     """A UID the appliance needs (SOP Instance, Series, Study, SOP Class) is absent or empty."""
+
+
+class ModelPackageError(ApplianceError):
+    """A model package is missing, malformed, or its files do not match their checksums."""
+
+
+class BackendUnavailable(ApplianceError):
+    """An inference backend cannot run here (library not installed, no GPU); ``auto`` falls back."""
+
+
+class EngineBuildError(ApplianceError):
+    """An optimised engine could not be built from a model's ONNX file (the message says why)."""
+
+
+class InferenceError(ApplianceError):
+    """A series could not be run through a model; the job fails with this message as its reason."""
+
+
+class DecodeError(InferenceError):
+    """Pixel data could not be decoded (unsupported or damaged transfer syntax)."""
+
+
+class GeometryError(InferenceError):
+    """The slices of a series do not form one volume (mixed orientations, sizes, or missing positions)."""

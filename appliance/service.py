@@ -24,6 +24,10 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
+from appliance.models.package import find_packages
+from appliance.route import Router
+from appliance.store.jobs import JobQueue
+from appliance.worker import run_worker
 from appliance.store import Store
 from appliance.store.locks import lock_data_dir, wait_for_previous_run
 
@@ -71,6 +75,15 @@ class Supervisor:
             log.warning("recovered after an unclean stop: removed %d partial file(s), %d association(s) never "
                         "released", removed, lost)
         index_orphans(store)
+        requeued, failed = JobQueue(store.index).recover(set(), cfg.inference.max_attempts)
+        if requeued or failed:
+            log.warning("inference jobs interrupted by the unclean stop: %d re-queued, %d failed after %d attempts",
+                        requeued, failed, cfg.inference.max_attempts)
+        models_dir = cfg.inference.resolved_models_dir()
+        packages, refused = find_packages(models_dir)
+        for name, why in refused.items():
+            log.error("model package %s refused: %s", name, why)
+        log.info("models in %s: %s", models_dir, ", ".join(f"{p.name} {p.version}" for p in packages) or "none")
         fcntl.flock(procs_lock, fcntl.LOCK_SH)  # recovery done: from here on, one of the live processes
         sock = _bind(cfg)
         n = cfg.dicom.listener_count()
@@ -102,6 +115,11 @@ class Supervisor:
         assembler = Assembler(store.index, cfg.assemble)
         assemble_thread = threading.Thread(target=assembler.run, args=(self.stop,), name="assemble", daemon=True)
         assemble_thread.start()
+        router = Router(store.index, store.spool.root, cfg.routes, {p.name for p in packages},
+                        cfg.inference.poll_seconds)
+        route_thread = threading.Thread(target=router.run, args=(self.stop,), name="route", daemon=True)
+        route_thread.start()
+        worker = self._start_worker()
 
         restarts: list[float] = []
         while not self.stop.wait(0.5):
@@ -119,16 +137,35 @@ class Supervisor:
                 store.spool.remove_partials(p.pid)
                 store.index.mark_lost_associations(p.pid)
                 start(i)
+            if not worker.is_alive() and not self.stop.is_set():
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                requeued, failed = JobQueue(store.index).recover(set(), cfg.inference.max_attempts)
+                log.error("inference worker (pid %s) died with exit code %s; %d job(s) re-queued, %d failed; "
+                          "restarting it", worker.pid, worker.exitcode, requeued, failed)
+                if len(restarts) > MAX_RESTARTS:
+                    self._stop_all([*listeners, worker])
+                    raise StartupError("processes keep dying; the appliance stopped (see the errors above)")
+                worker = self._start_worker()
 
         log.info("stopping")
-        self._stop_all(listeners)
+        self._stop_all([*listeners, worker])
         assemble_thread.join(5)
+        route_thread.join(5)
         sock.close()
         store.index.close()
         procs_lock.close()
         lock.close()
         log.info("stopped")
         return 0
+
+    def _start_worker(self) -> Any:
+        ready = self.ctx.Event()
+        p = self.ctx.Process(target=run_worker, args=(self.config, ready), name="worker")
+        p.start()
+        if not ready.wait(READY_TIMEOUT):
+            log.error("inference worker did not start within %.0f s", READY_TIMEOUT)
+        return p
 
     @staticmethod
     def _stop_all(listeners: list[Any]) -> None:

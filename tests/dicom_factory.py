@@ -156,3 +156,38 @@ def dataset_bytes_of_file(data: bytes) -> bytes:
         raise ValueError(f"(0002,0000) has length {vl}, expected 4")
     group_length = int.from_bytes(bio.read(4), "little")
     return data[144 + group_length:]
+
+
+def write_ct_volume(directory: Path, hu: np.ndarray, *, spacing: tuple[float, float] = (1.0, 1.0),
+                    thickness: float = 2.0, z0: float = 0.0, body_part: str = "ABDOMEN",
+                    series_uid: str | None = None, names: str = "slice") -> list[str]:
+    """An axial CT series from an HU volume (slices, rows, cols); returns SOP Instance UIDs in z order."""
+    study_uid, series_uid = generate_uid(), series_uid or generate_uid()
+    frame = generate_uid()
+    uids = []
+    for i, sl in enumerate(hu):
+        ds = ct_dataset(study_uid=study_uid, series_uid=series_uid, number=i + 1, rows=sl.shape[0], cols=sl.shape[1])
+        ds.FrameOfReferenceUID = frame
+        ds.BodyPartExamined = body_part
+        ds.ImagePositionPatient = [0.0, 0.0, float(z0 + i * thickness)]
+        ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+        ds.SliceThickness = float(thickness)
+        ds.RescaleIntercept = -1024
+        ds.PixelData = (np.asarray(sl, dtype=np.int32) + 1024).astype("<i2").tobytes()
+        write_file(ds, directory / f"{names}{i:04d}.dcm")
+        uids.append(str(ds.SOPInstanceUID))
+    return uids
+
+
+def blob_phantom(n: int = 24, size: int = 96, seed: int = 0) -> np.ndarray:
+    """A soft-tissue box with a bright ellipsoid (HU ~150) holding a brighter sphere (HU ~300), plus noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:n, 0:size, 0:size].astype(np.float32)
+    hu = np.full((n, size, size), -1000.0, np.float32)
+    hu[:, size // 8: -size // 8, size // 8: -size // 8] = 40
+    ell = ((x - size * 0.45) / (size * 0.25)) ** 2 + ((y - size * 0.5) / (size * 0.2)) ** 2 + ((z - n / 2) / (n * 0.4)) ** 2 <= 1
+    hu[ell] = 150
+    sph = (x - size * 0.4) ** 2 + (y - size * 0.5) ** 2 + ((z - n / 2) * 2) ** 2 <= (size * 0.08) ** 2
+    hu[sph] = 300
+    hu += rng.normal(0, 5, hu.shape)
+    return np.round(hu).astype(np.int16)

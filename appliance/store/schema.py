@@ -84,6 +84,51 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (name, label)
     ) WITHOUT ROWID;
     """,
+    # 2: route and infer: one job per (series, model); series states queued/processing/done/failed/no_model.
+    """
+    CREATE TABLE jobs (
+        id            INTEGER PRIMARY KEY,
+        series_uid    TEXT NOT NULL REFERENCES series(series_uid),
+        model         TEXT NOT NULL,
+        routes        TEXT NOT NULL,            -- JSON list of the rules that asked for it
+        destinations  TEXT NOT NULL,            -- JSON list of destination names
+        priority      INTEGER NOT NULL,
+        state         TEXT NOT NULL,            -- queued | processing | done | failed
+        generation    INTEGER NOT NULL DEFAULT 1,  -- bumped when a re-opened series re-queues the job
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        queued_at     REAL NOT NULL,
+        started_at    REAL,
+        finished_at   REAL,
+        worker_pid    INTEGER,
+        reason        TEXT,
+        backend       TEXT,
+        device        TEXT,
+        precision     TEXT,
+        timings       TEXT,                     -- JSON: seconds per stage
+        result_dir    TEXT,                     -- relative to the data directory
+        UNIQUE (series_uid, model)
+    );
+    CREATE INDEX jobs_state ON jobs(state, priority);
+
+    CREATE TABLE job_events (
+        id         INTEGER PRIMARY KEY,
+        at         REAL NOT NULL,
+        job_id     INTEGER NOT NULL,
+        from_state TEXT,
+        to_state   TEXT NOT NULL,
+        reason     TEXT
+    );
+    CREATE INDEX job_events_job ON job_events(job_id);
+    CREATE TRIGGER job_created AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_events(at, job_id, from_state, to_state, reason)
+        VALUES (NEW.queued_at, NEW.id, NULL, NEW.state, NEW.reason);
+    END;
+    CREATE TRIGGER job_state_changed AFTER UPDATE OF state, generation ON jobs
+    WHEN OLD.state IS NOT NEW.state OR OLD.generation IS NOT NEW.generation BEGIN
+        INSERT INTO job_events(at, job_id, from_state, to_state, reason)
+        VALUES ((julianday('now') - 2440587.5) * 86400.0, NEW.id, OLD.state, NEW.state, NEW.reason);
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

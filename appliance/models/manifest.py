@@ -1,0 +1,131 @@
+"""The schema of ``manifest.toml``: validated in full, unknown keys refused, so a typo is an error."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    """A coded concept (SNOMED CT, DICOM DCM): what results will put into SEG and SR."""
+
+    scheme: Literal["SCT", "DCM", "SRT", "UMLS"]
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class Label(_Strict):
+    value: Annotated[int, Field(ge=1, le=255)]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    category: Code
+    type: Code
+    region: Code | None = None
+
+
+class InputTable(_Strict):
+    dims: Literal[2]
+    tensor: str = "image"
+    channels: Annotated[int, Field(ge=1, le=15)]
+    spacing_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    size_multiple: Annotated[int, Field(ge=1, le=256)] = 16
+    min_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    opt_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    max_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    opt_batch: Annotated[int, Field(ge=1, le=256)] = 8
+    max_batch: Annotated[int, Field(ge=1, le=256)] = 16
+
+    @field_validator("channels")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError("must be odd: channels are the slice and equally many neighbours on each side")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "InputTable":
+        for i in (0, 1):
+            if not self.min_size[i] <= self.opt_size[i] <= self.max_size[i]:
+                raise ValueError("need min_size <= opt_size <= max_size")
+        if self.opt_batch > self.max_batch:
+            raise ValueError("need opt_batch <= max_batch")
+        return self
+
+
+class Normalisation(_Strict):
+    kind: Literal["hu_window"]
+    window: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Normalisation":
+        if not self.window[0] < self.window[1]:
+            raise ValueError("window must be [lower, upper] with lower < upper")
+        return self
+
+
+class OutputTable(_Strict):
+    tensor: str = "logits"
+    kind: Literal["scores"]
+    classes: Annotated[int, Field(ge=2, le=256)]
+
+
+class PostProcess(_Strict):
+    largest_component: list[int] = Field(default_factory=list)
+
+
+class Manifest(_Strict):
+    schema_: Literal[1] = Field(alias="schema")
+    name: str
+    version: Annotated[str, Field(min_length=1, max_length=32)]
+    task: Literal["segmentation"]
+    modality: Annotated[str, Field(min_length=2, max_length=16)]
+    intended_use: Annotated[str, Field(min_length=1)]
+    licence: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    input: InputTable
+    normalisation: Normalisation
+    output: OutputTable
+    postprocess: PostProcess = Field(default_factory=PostProcess)
+    labels: Annotated[list[Label], Field(min_length=1)]
+    files: dict[str, str]
+    #: Free-form provenance (training script, seed, measured accuracy); not interpreted.
+    training: dict[str, object] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be lower-case letters, digits, '.', '_' or '-' (at most 64)")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        if "model.onnx" not in v:
+            raise ValueError("must list model.onnx with its SHA-256")
+        for name, digest in v.items():
+            if "/" in name or "\\" in name or name.startswith(".") or name == "manifest.toml":
+                raise ValueError(f"{name!r}: only plain file names of the package may be listed")
+            if not _SHA256.match(digest):
+                raise ValueError(f"{name!r}: {digest!r} is not a lower-case hex SHA-256")
+        return v
+
+    @model_validator(mode="after")
+    def _labels(self) -> "Manifest":
+        values = [lab.value for lab in self.labels]
+        if len(set(values)) != len(values):
+            raise ValueError("labels: each value may appear once")
+        if max(values) >= self.output.classes:
+            raise ValueError(f"labels: value {max(values)} needs output.classes > {max(values)}")
+        for v in self.postprocess.largest_component:
+            if v not in values:
+                raise ValueError(f"postprocess.largest_component: {v} is not a label value")
+        return self

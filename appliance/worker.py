@@ -1,0 +1,134 @@
+"""The ``infer`` worker: its own process, taking queued jobs from the store in priority order.
+
+A crash inside a GPU or codec library kills only this process; the supervisor re-queues the job it held
+(``JobQueue.recover``) and starts a new worker, so a job is retried after a crash or kill and marked
+failed after ``inference.max_attempts`` tries. Models and backends are opened once and kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance import logs
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.infer.backends import Backend, open_backend
+from appliance.infer.pipeline import run_series, write_outputs
+from appliance.models.package import ModelPackage, load_package
+from appliance.store import Store
+from appliance.store.jobs import Job, JobQueue
+from appliance.store.locks import hold_processes_lock
+from appliance.store.spool import fsync_dir
+
+log = logging.getLogger("appliance.worker")
+
+RESULTS_DIR = "results"
+
+
+class _Stopping(BaseException):
+    """Raised in the worker's main thread by SIGTERM: abandon the job, give it back, exit."""
+
+
+class Worker:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config, self.store = config, store
+        self.jobs = JobQueue(store.index)
+        self._packages: dict[str, ModelPackage] = {}
+        self._backends: dict[str, Backend] = {}
+
+    def backend_for(self, model: str) -> tuple[ModelPackage, Backend]:
+        if model not in self._backends:
+            inf = self.config.inference
+            package = load_package(inf.resolved_models_dir() / model)
+            backend = open_backend(package, inf.backend, inf.precision, self.store.data_dir / "engines", inf.threads)
+            log.info("model %s %s opened on %s (%s, %s)", package.name, package.version, backend.name,
+                     backend.device, backend.precision)
+            self._packages[model], self._backends[model] = package, backend
+        return self._packages[model], self._backends[model]
+
+    def run_job(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        log.info("job %d: %s on series %s (attempt %d)", job.id, job.model, job.series_uid, job.attempts)
+        try:
+            if not (self.config.inference.resolved_models_dir() / job.model).is_dir():
+                raise ApplianceError(f"model {job.model!r} is not installed in {self.config.inference.resolved_models_dir()}")
+            package, backend = self.backend_for(job.model)
+            paths = [self.store.spool.root / r["path"] for r in self.store.index.series_instances(job.series_uid)]
+            result = run_series(paths, package, backend)
+            rel = f"{RESULTS_DIR}/{job.series_uid}/{job.model}"
+            out = self.store.data_dir / rel
+            write_outputs(result, out)
+            fsync_dir(out)
+            fsync_dir(out.parent)
+            fsync_dir(out.parent.parent)
+        except ApplianceError as exc:
+            log.error("job %d (%s on %s) failed: %s", job.id, job.model, job.series_uid, exc)
+            self.jobs.finish(job, ok=False, reason=str(exc))
+            return
+        except (MemoryError, Exception) as exc:  # a bug or a library fault: fail this job, keep serving
+            log.exception("job %d (%s on %s) failed with an internal error", job.id, job.model, job.series_uid)
+            self.jobs.finish(job, ok=False, reason=f"internal error: {type(exc).__name__}: {exc}")
+            return
+        timings = {k: round(v, 3) for k, v in result.timings.items()}
+        timings["total"] = round(time.perf_counter() - t0, 3)
+        lesions = result.summary["lesions"]
+        if self.jobs.finish(job, ok=True, reason="done", backend=backend.name, device=backend.device,
+                            precision=backend.precision, timings=timings, result_dir=rel):
+            log.info("job %d done in %.1f s (%s): %d slices, %d lesion(s); %s", job.id, timings["total"],
+                     backend.name, result.labels.shape[0], lesions["count"],
+                     ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
+        else:
+            log.info("job %d finished but its series changed meanwhile; the newer run will replace it", job.id)
+
+    def give_back(self, job: Job) -> None:
+        """A clean stop mid-job: back to the queue without counting the attempt."""
+        with self.store.index.transaction() as c:
+            c.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_pid = NULL,"
+                      " reason = 'appliance stopped during the job' WHERE id = ? AND generation = ?"
+                      " AND state = 'processing'", (job.id, job.generation))
+            JobQueue._settle_series(c, job.series_uid, time.time())
+
+    def run(self, stop: threading.Event, poll_seconds: float) -> None:
+        pid = os.getpid()
+        while not stop.is_set():
+            job = self.jobs.claim(pid)
+            if job is None:
+                stop.wait(poll_seconds)
+                continue
+            try:
+                self.run_job(job)
+            except _Stopping:
+                self.give_back(job)
+                log.info("job %d given back to the queue (stopping)", job.id)
+                return
+
+
+def run_worker(config: Config, ready: Any) -> None:
+    """Process entry point: work until SIGTERM."""
+    logs.setup(config.logging.level)
+    stop = threading.Event()
+
+    def on_term(*_: Any) -> None:
+        if stop.is_set():
+            return  # already stopping: let the give-back finish
+        stop.set()
+        raise _Stopping
+
+    store = Store.open(config.storage.data_dir)
+    alive = hold_processes_lock(store.data_dir)  # noqa: F841 (held until this process exits)
+    worker = Worker(config, store)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    ready.set()
+    try:
+        worker.run(stop, config.inference.poll_seconds)
+    except _Stopping:
+        pass
+    store.index.close()
+    log.info("worker stopped")
