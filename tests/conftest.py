@@ -69,19 +69,27 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
-    lines = []
+def write_toml(path: Path, sections: dict[str, dict[str, Any]], top: dict[str, Any] | None = None,
+               tables: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Sections as [tables]; ``top`` keys first (e.g. ``routes = []``); ``tables`` as [[arrays of tables]]."""
+    lines = [f"{key} = {_toml_value(v)}" for key, v in (top or {}).items()]
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items())
         lines.append("")
+    for name, items in (tables or {}).items():
+        for item in items:
+            lines.append(f"[[{name}]]")
+            lines.extend(f"{key} = {_toml_value(v)}" for key, v in item.items())
+            lines.append("")
     path.write_text("\n".join(lines))
 
 
 class Appliance:
     """One ``appliance serve`` process (restartable) with its config, data directory and log."""
 
-    def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
+    def __init__(self, root: Path, routes: list[dict[str, Any]] | None = None,
+                 destinations: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -96,7 +104,10 @@ class Appliance:
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
-        write_toml(self.config_path, {k: v for k, v in config.items() if v})
+        # No routes unless a test asks: series then end as no_model, and no model runs behind its back.
+        write_toml(self.config_path, {k: v for k, v in config.items() if v},
+                   top=None if routes else {"routes": []},
+                   tables={"routes": routes or [], "destinations": destinations or []})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -242,7 +253,7 @@ def appliance_factory(tmp_path: Path) -> Iterator[Any]:
     """Start appliances with config overrides; each is SIGTERMed at teardown and must exit 0."""
     started: list[Appliance] = []
 
-    def make(name: str = "appliance", start: bool = True, **sections: dict[str, Any]) -> Appliance:
+    def make(name: str = "appliance", start: bool = True, **sections: Any) -> Appliance:
         app = Appliance(tmp_path / name, **sections)
         started.append(app)
         if start:

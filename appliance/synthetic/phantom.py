@@ -227,8 +227,8 @@ class _Patient:
         self.gb_hu = u(-5, 25)
         self.panc_z = -self.H * u(0.55, 0.75)
         self.bowel = []
-        for _ in range(int(rng.integers(8, 22))):
-            c = (u(-0.8, 0.8) * self.Ai, u(-0.9, 0.2) * self.Bi, -self.H * u(0.55, 1.3))
+        for _ in range(int(rng.integers(15, 35))):
+            c = (u(-0.8, 0.8) * self.Ai, u(-0.9, 0.3) * self.Bi, -self.H * u(0.4, 1.4))
             a = (u(10, 25), u(10, 25), u(15, 40))
             content = rng.choice(["air", "fluid", "contrast", "mixed"], p=[0.3, 0.35, 0.15, 0.2])
             self.bowel.append((c, a, u(0, np.pi), content, u(-0.5, 0.3)))
@@ -320,7 +320,14 @@ class _Patient:
 
     def liver_d(self, x: Array, y: Array, z: Array) -> Array:
         """Final liver: indented by (and kept clear of) its neighbours."""
-        f = self.liver_base(x, y, z)
+        return self.liver_keepout(self.liver_base(x, y, z), x, y, z)
+
+    def liver_keepout(self, f: Array, x: Array, y: Array, z: Array) -> Array:
+        """Cut the neighbours (and the space behind the kidney and beside the spine) out of a liver shape."""
+        xs_, yv = self.spine
+        f = np.maximum(f, -_ellipsoid(x, y, z, (xs_, yv + self.rv + 28, 0.0), (self.rv + 45, 40, 1e6)) + 3.0)
+        c, a, rot, _ = self.kid[0]
+        f = np.maximum(f, -_ellipsoid(x, y, z, (c[0], c[1] + 30, c[2]), (a[0] + 8, a[1] + 30, a[2]), rot) + 2.0)
         f = np.maximum(f, -self.spine_d(x, y, z) + 6.0)
         f = np.maximum(f, -self.aorta_d(x, y, z) + 4.0)
         f = np.maximum(f, -self.ivc_d(x, y, z) + 0.5)
@@ -418,17 +425,20 @@ class _Patient:
     # --- rendering -----------------------------------------------------------------------------------------
 
     def render(self, xs: Array, ys: Array, zs: Array, pv_width: float) -> tuple[Array, Array]:
-        """Noise-free HU (nz, ny, nx) and labels at the points given (1D coordinate vectors, mm)."""
+        """Noise-free HU (nz, ny, nx) and labels at the points given (ascending 1D coordinate vectors, mm).
+
+        Structures that do not change along z (body wall, arms, table, great vessels, spine) are drawn
+        once on a 2D template and copied to every slice; 3D organs are evaluated only inside their boxes.
+        """
         hu_t = self._hu
         nz, ny, nx = len(zs), len(ys), len(xs)
         X = xs.astype(np.float32)[None, None, :]
         Y = ys.astype(np.float32)[None, :, None]
         Z = zs.astype(np.float32)[:, None, None]
-        img = np.full((nz, ny, nx), -1000.0, np.float32)
         lab = np.zeros((nz, ny, nx), np.uint8)
         w = np.float32(max(pv_width, 0.3))
 
-        def roi(lo: tuple[float, float, float], hi: tuple[float, float, float]):
+        def roi(lo, hi):
             """Index box covering the mm box [lo, hi] (None when it misses the grid)."""
             out = []
             for v, a, b in ((zs, lo[2], hi[2]), (ys, lo[1], hi[1]), (xs, lo[0], hi[0])):
@@ -449,65 +459,123 @@ class _Patient:
         def coords(sl):
             return X[:, :, sl[2]], Y[:, sl[1], :], Z[sl[0], :, :]
 
-        def paint(sl, d: Array, value: Array | float) -> Array:
+        def paint_on(arr, d, value):
             occ = np.clip(0.5 - d / w, 0.0, 1.0)
-            tgt = img[sl]
-            tgt += occ * (value - tgt)
+            arr += occ * (value - arr)
             return occ
 
-        full = (slice(0, nz), slice(0, ny), slice(0, nx))
-        x, y, z = coords(full)
-        # Body: fat, muscle wall, abdominal fat, lungs above the diaphragm.
-        bd = self.body_d(x, y)  # (1, ny, nx)
-        fat_t = self.fat_thickness(x, y)
-        cav = bd + fat_t + self.muscle
-        occ_body = np.clip(0.5 - bd / w, 0, 1)
-        base = np.full((1, ny, nx), -1000.0, np.float32)
-        base += occ_body * (hu_t["fat"] - base)
-        base += np.clip(0.5 - (bd + fat_t) / w, 0, 1) * (hu_t["muscle"] - base)
-        base += np.clip(0.5 - cav / w, 0, 1) * (hu_t["fat"] + 5 - base)
-        img[:] = base
-        # Lungs (above the diaphragm, inside the ribcage) and heart.
-        dz = self.dome_z(x, y)
-        lung_d = np.maximum(cav + 2.0, dz + 2.0 - z)
-        lung_d = np.maximum(lung_d, -(np.sqrt((x - self.spine[0]) ** 2 + (y - self.spine[1]) ** 2) - self.rv - 20))
-        heart = _ellipsoid(x, y, z, (self.Ai * 0.15, -self.Bi * 0.3, float(np.min(dz)) + 55), (70, 55, 60), -0.5)
-        heart = np.maximum(heart, dz - z + 2.0)
-        paint(full, lung_d, hu_t["lung"])
-        paint(full, heart, hu_t["myo"])
-        paint(full, heart + 8.0, hu_t["heart"])
-        for c, r in self.lung_vessels:
-            sl = roi((c[0] - r, c[1] - r, c[2] - 4 * r), (c[0] + r, c[1] + r, c[2] + 4 * r))
-            if sl is not None:
-                xx, yy, zz = coords(sl)
-                d = np.maximum(_ellipsoid(xx, yy, zz, c, (r, r, 4 * r)), -lung_d[sl[0], sl[1], sl[2]])
-                paint(sl, d, 40.0)
-        # Arms at the sides.
+        # ---- 2D template (z-invariant): body wall, arms, table, paraspinal muscles, aorta, IVC. ----
+        x2, y2 = X[0], Y[0]  # (1, nx), (ny, 1)
+        bd = self.body_d(x2, y2)
+        fat_t = self.fat_thickness(x2, y2)
+        cav2 = bd + fat_t + self.muscle
+        base = np.full((ny, nx), -1000.0, np.float32)
+        paint_on(base, bd, hu_t["fat"])
+        paint_on(base, bd + fat_t, hu_t["muscle"])
+        paint_on(base, cav2, hu_t["fat"] + 5)
         if self.arms:
             for side in (-1, 1):
                 c = (side * (self.A + 52), self.arm_y)
-                d = np.sqrt(((x - c[0]) / 42) ** 2 + ((y - c[1]) / 50) ** 2) * 42 - 42
-                paint(full, d + 0 * z, hu_t["fat"])
-                paint(full, d + 8 + 0 * z, hu_t["muscle"])
-                db = np.sqrt((x - c[0]) ** 2 + (y - c[1] - 5) ** 2) - 11
-                paint(full, db + 0 * z, hu_t["bone"])
-                paint(full, db + 3 + 0 * z, 60.0)
-        # Table under the patient: two thin curved sheets.
+                d = np.sqrt(((x2 - c[0]) / 42) ** 2 + ((y2 - c[1]) / 50) ** 2) * 42 - 42
+                paint_on(base, d, hu_t["fat"])
+                paint_on(base, d + 8, hu_t["muscle"])
+                db = np.sqrt((x2 - c[0]) ** 2 + (y2 - c[1] - 5) ** 2) - 11
+                paint_on(base, db, hu_t["bone"])
+                paint_on(base, db + 3, 60.0)
         y0 = float(self.B * 1.0 + self.table_gap)
         for dy in (0.0, self.table_gap2):
-            rr = np.sqrt(x**2 + (y - (y0 + dy - self.table_R)) ** 2) - self.table_R
-            d = np.maximum(np.abs(rr) - 1.5, np.abs(x) - 230) + 0 * z
-            paint(full, d, hu_t["table"])
-        # Paraspinal muscles and psoas.
+            rr = np.sqrt(x2**2 + (y2 - (y0 + dy - self.table_R)) ** 2) - self.table_R
+            paint_on(base, np.maximum(np.abs(rr) - 1.5, np.abs(x2) - 230), hu_t["table"])
         xs_, yv = self.spine
         for side in (-1, 1):
-            d = _ellipsoid(x, y, z, (xs_ + side * (self.rv + 12), yv + self.rv + 28, 0), (26, 30, 1e6))
-            paint(full, np.maximum(d, bd + 3), hu_t["muscle"])
-            ps_r = np.clip((-z - 0.7 * self.H) / 6.0, 0, 18)  # psoas grows below the liver
-            d = np.sqrt((x - xs_ - side * (self.rv + 14)) ** 2 + (y - yv + 2) ** 2) - ps_r
-            paint(full, d, hu_t["muscle"])
-        # Kidneys: cortex, medulla, sinus fat.
-        for i, (c, a, rot, ct) in enumerate(self.kid):
+            d = np.sqrt(((x2 - xs_ - side * (self.rv + 12)) / 26) ** 2 + ((y2 - yv - self.rv - 28) / 30) ** 2) * 26 - 26
+            paint_on(base, np.maximum(d, bd + 3), hu_t["muscle"])
+        paint_on(base, np.sqrt((x2 - self.aorta[0]) ** 2 + (y2 - self.aorta[1]) ** 2) - self.ra, hu_t["aorta"])
+        paint_on(base, np.sqrt(((x2 - self.ivc[0]) / self.ivc_a[0]) ** 2 + ((y2 - self.ivc[1]) / self.ivc_a[1]) ** 2) * self.ivc_a[1] - self.ivc_a[1], hu_t["ivc"])
+        # Spine variants: vertebral body or disc, with or without posterior arch.
+        sd = np.sqrt((x2 - xs_) ** 2 + (y2 - yv) ** 2) - self.rv
+        canal_c = (xs_, yv + self.rv + 11)
+        rc = np.sqrt((x2 - canal_c[0]) ** 2 + (y2 - canal_c[1]) ** 2)
+        canal = rc - 9
+        ring = np.maximum(rc - 15, -canal)
+        post = np.maximum(np.abs(x2 - xs_) - 4.5, np.abs(y2 - (canal_c[1] + 30)) - 20)
+        dxp = np.abs(x2 - xs_)
+        trans = np.maximum(np.maximum(dxp - (self.rv + 22), -dxp + 5), np.abs(y2 - canal_c[1] + 2 - 0.25 * dxp) - 5)
+        arch = np.maximum(np.minimum(np.minimum(ring, post), trans), bd + 8)
+        arch_low = np.maximum(arch, y2 - canal_c[1] - 6)
+        variants = {}
+        for disc in (False, True):
+            for mid in (False, True):
+                v = base.copy()
+                paint_on(v, sd, hu_t["disc"] if disc else hu_t["bone"])
+                if not disc:
+                    paint_on(v, sd + 2.0, hu_t["marrow"])
+                a_ = arch if mid else arch_low
+                paint_on(v, a_, hu_t["bone"])
+                paint_on(v, a_ + 2.0, hu_t["marrow"])
+                paint_on(v, canal, hu_t["csf"])
+                variants[(disc, mid)] = v
+        vert_phase = np.mod(zs + self.vert_off, self.vert_h)
+        img = np.empty((nz, ny, nx), np.float32)
+        for k in range(nz):
+            disc = bool(vert_phase[k] < self.disc)
+            mid = bool(abs(vert_phase[k] - (self.disc + self.vert_h) / 2) < (self.vert_h - self.disc) * 0.3)
+            img[k] = variants[(disc, mid)]
+        del variants
+        # Psoas grows below the liver.
+        for k in range(nz):
+            ps_r = float(np.clip((-zs[k] - 0.7 * self.H) / 6.0, 0, 18))
+            if ps_r > 1:
+                for side in (-1, 1):
+                    d = np.sqrt((x2 - xs_ - side * (self.rv + 14)) ** 2 + (y2 - yv + 2) ** 2) - ps_r
+                    paint_on(img[k], d, hu_t["muscle"])
+
+        def paint(sl, d, value):
+            return paint_on(img[sl], d, value)
+
+        full = (slice(0, nz), slice(0, ny), slice(0, nx))
+        # ---- Lungs (above the diaphragm, inside the ribcage) and heart: only slices above the lowest dome point. ----
+        dz2 = self.dome_z(x2, y2)
+        cav_in = cav2 < 0
+        dz_min = float(dz2[cav_in].min()) if cav_in.any() else float(dz2.min())
+        zl = roi((xs[0], ys[0], dz_min - 5), (xs[-1], ys[-1], 1e4))
+        if zl is not None:
+            x, y, z = coords(zl)
+            lung_d = np.maximum(cav2 + 2.0, dz2 + 2.0 - z)
+            lung_d = np.maximum(lung_d, -(np.sqrt((x - xs_) ** 2 + (y - yv) ** 2) - self.rv - 20))
+            lung_d = np.maximum(lung_d, -(np.sqrt((x - self.aorta[0]) ** 2 + (y - self.aorta[1]) ** 2) - self.ra - 3))
+            heart = _ellipsoid(x, y, z, (self.Ai * 0.15, -self.Bi * 0.3, float(dz2.min()) + 55), (70, 55, 60), -0.5)
+            heart = np.maximum(heart, dz2 - z + 2.0)
+            paint(zl, lung_d, hu_t["lung"])
+            paint(zl, heart, hu_t["myo"])
+            paint(zl, heart + 8.0, hu_t["heart"])
+            for c, r in self.lung_vessels:
+                sl = roi((c[0] - r, c[1] - r, c[2] - 4 * r), (c[0] + r, c[1] + r, c[2] + 4 * r))
+                both = None if sl is None else intersect(sl, zl)
+                if both is not None:
+                    g, sub = both
+                    xx, yy, zz = coords(g)
+                    paint(g, np.maximum(_ellipsoid(xx, yy, zz, c, (r, r, 4 * r)), -lung_d[sub]), 40.0)
+        # ---- Liver base shape, computed once on the liver's box and shared by its neighbours. ----
+        lbox = roi((-self.A, -self.B, -self.H * 1.4 - 20), (self.Ai * 0.95, self.B, 15.0))
+        if lbox is not None:
+            lb_arr = self.liver_base(*coords(lbox))
+        else:
+            lb_arr = None
+
+        def liver_base_at(sl):
+            out = np.full(tuple(s.stop - s.start for s in sl), 1e3, np.float32)
+            if lb_arr is None:
+                return out
+            both = intersect(lbox, sl)
+            if both is not None:
+                g, sub = both
+                gl = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(g, lbox))
+                out[sub] = lb_arr[gl]
+            return out
+
+        # ---- Kidneys: cortex, medulla, sinus fat. ----
+        for c, a, rot, ct in self.kid:
             m = max(a) + 3
             sl = roi((c[0] - m, c[1] - m, c[2] - a[2] - 3), (c[0] + m, c[1] + m, c[2] + a[2] + 3))
             if sl is None:
@@ -520,22 +588,36 @@ class _Patient:
             sinus = _ellipsoid(xx, yy, zz, (c[0] - side * a[0] * 0.55, c[1] - a[1] * 0.2, c[2]), (a[0] * 0.45, a[1] * 0.4, a[2] * 0.45))
             paint(sl, np.maximum(sinus, d + 2), hu_t["fat"] + 20)
             paint(sl, np.maximum(sinus + 4, d + 2), hu_t["fluid"])
-        # Aorta, IVC.
-        ao = self.aorta_d(x, y, z)
-        paint(full, ao, hu_t["aorta"])
-        paint(full, np.maximum(self.ivc_d(x, y, z), z - 30.0), hu_t["ivc"])
-        # Spleen (mottled in the arterial phase).
-        sp = self.spleen_d(x, y, z)
-        sval = hu_t["spleen"] + (hu_t["spleen_mottle"] * np.sin(x * 0.25 + 0.3 * y) * np.sin(0.2 * y - 0.15 * z) if hu_t["spleen_mottle"] else 0.0)
-        paint(full, sp, sval)
-        # Stomach: wall, then air above the level and fluid, contrast or food below.
-        st = self.stomach_d(x, y, z)
-        paint(full, st, hu_t["wall"])
-        level = self.stom_c[1] + self.stom_level * self.stom_a[1]
-        cont = {"fluid": hu_t["fluid"], "contrast": hu_t["contrast"], "food": 40.0, "air": -1000.0}[str(self.stom_content)]
-        contents = np.where(y < level, -1000.0, cont).astype(np.float32)
-        paint(full, st + 4.0, contents)
-        # Bowel loops and the hepatic flexure.
+        # ---- Spleen (mottled in the arterial phase). ----
+        c, a = self.spleen_c, self.spleen_a
+        m = max(a) + 3
+        sl = roi((c[0] - m, c[1] - m, c[2] - a[2] - 3), (c[0] + m, c[1] + m, c[2] + a[2] + 3))
+        if sl is not None:
+            xx, yy, zz = coords(sl)
+            f = _ellipsoid(xx, yy, zz, c, a, self.spleen_rot)
+            f = np.maximum(f, self.cavity(xx, yy) + 1.0)
+            f = np.maximum(f, zz - self.dome_z(xx, yy) + 3.0)
+            f = np.maximum(f, -self.kidney_d(xx, yy, zz, 1) + 3.0)
+            f = np.maximum(f, -liver_base_at(sl) + 2.0)
+            sval = hu_t["spleen"]
+            if hu_t["spleen_mottle"]:
+                sval = sval + hu_t["spleen_mottle"] * np.sin(xx * 0.25 + 0.3 * yy) * np.sin(0.2 * yy - 0.15 * zz)
+            paint(sl, f, sval)
+        # ---- Stomach: wall, then air above the level and fluid, contrast or food below. ----
+        c, a = self.stom_c, self.stom_a
+        m = max(a) + 8
+        sl = roi((c[0] - m, c[1] - m, c[2] - m), (c[0] + m, c[1] + m, c[2] + m))
+        if sl is not None:
+            xx, yy, zz = coords(sl)
+            f = _ellipsoid(xx, yy, zz, c, a, -0.4) + 4.0 * np.sin(0.05 * xx + 0.04 * zz + self.stom_level) * np.cos(0.045 * yy)
+            f = np.maximum(f, self.cavity(xx, yy) + 2.0)
+            f = np.maximum(f, zz - self.dome_z(xx, yy) + 4.0)
+            f = np.maximum(f, -liver_base_at(sl) + 2.0)
+            paint(sl, f, hu_t["wall"])
+            level = c[1] + self.stom_level * a[1]
+            cont = {"fluid": hu_t["fluid"], "contrast": hu_t["contrast"], "food": 40.0, "air": -1000.0}[str(self.stom_content)]
+            paint(sl, f + 4.0, np.where(yy < level, np.float32(-1000.0), np.float32(cont)))
+        # ---- Bowel loops and the hepatic flexure. ----
         loops = list(self.bowel) + [(self.colon[0], self.colon[1], 0.3, self.colon[2], 0.0)]
         for c, a, rot, content, lvl in loops:
             m = max(a) + 3
@@ -545,15 +627,15 @@ class _Patient:
             xx, yy, zz = coords(sl)
             d = _ellipsoid(xx, yy, zz, c, a, rot)
             d = np.maximum(d, self.cavity(xx, yy) + 2)
-            d = np.maximum(d, -self.liver_base(xx, yy, zz) + 2)
+            d = np.maximum(d, -liver_base_at(sl) + 2)
             paint(sl, d, hu_t["wall"])
-            inner = {"air": -1000.0, "fluid": hu_t["fluid"], "contrast": hu_t["contrast"], "mixed": -1000.0}[str(content)]
             if content == "mixed":
-                val = np.where(yy < c[1] + lvl * a[1], -1000.0, 30.0 + 40 * np.sin(xx * 0.7) * np.sin(yy * 0.6)).astype(np.float32)
+                val = np.where(yy < c[1] + lvl * a[1], np.float32(-1000.0),
+                               30.0 + 40 * np.sin(xx * 0.7) * np.sin(yy * 0.6) + 0 * zz).astype(np.float32)
             else:
-                val = inner
+                val = {"air": -1000.0, "fluid": hu_t["fluid"], "contrast": hu_t["contrast"]}[str(content)]
             paint(sl, d + 3, val)
-        # Pancreas and the spine (vertebral body, disc, canal, posterior elements).
+        # ---- Pancreas. ----
         pz = self.panc_z
         pts = [np.array(p, float) for p in ((self.ivc[0] + 5, self.ivc[1] - 30, pz - 10),
                                             (self.aorta[0], self.aorta[1] - 35, pz + 5),
@@ -562,114 +644,80 @@ class _Patient:
             sl = roi(tuple(np.minimum(p, q) - 16), tuple(np.maximum(p, q) + 16))
             if sl is not None:
                 xx, yy, zz = coords(sl)
-                d = np.maximum(_capsule(xx, yy, zz, p, q, 13.0, 9.0), -self.liver_base(xx, yy, zz) + 2)
+                d = np.maximum(_capsule(xx, yy, zz, p, q, 13.0, 9.0), -liver_base_at(sl) + 2)
                 paint(sl, d, hu_t["pancreas"])
-        vert_phase = np.mod(z + self.vert_off, self.vert_h)  # (nz,1,1)
-        in_disc = vert_phase < self.disc
-        mid_vert = np.abs(vert_phase - (self.disc + self.vert_h) / 2) < (self.vert_h - self.disc) * 0.3
-        sd = self.spine_d(x, y, z)
-        paint(full, sd, np.where(in_disc, hu_t["disc"], hu_t["bone"]).astype(np.float32))
-        paint(full, np.where(in_disc, 1e3, sd + 2.0).astype(np.float32), hu_t["marrow"])
-        canal_c = (xs_, yv + self.rv + 11)
-        canal = np.sqrt((x - canal_c[0]) ** 2 + (y - canal_c[1]) ** 2) - 9 + 0 * z
-        ring = np.maximum(np.sqrt((x - canal_c[0]) ** 2 + (y - canal_c[1]) ** 2) - 15, -canal)
-        post = np.maximum(np.abs(x - xs_) - 4.5, np.abs(y - (canal_c[1] + 32)) - 22)
-        trans = np.maximum(np.abs(x - xs_) - (self.rv + 30), np.abs(y - canal_c[1] + 2) - 5)
-        elems = np.minimum(np.minimum(ring, post), trans)
-        elems = np.where(mid_vert, elems, np.maximum(elems, y - canal_c[1] - 6))
-        elems = np.maximum(elems, bd + 8)
-        paint(full, elems, hu_t["bone"])
-        paint(full, elems + 2, hu_t["marrow"])
-        paint(full, canal, hu_t["csf"])
-        # Liver with its vessels, then lesions, then the gallbladder beside it.
-        lo = (-self.A, -self.B, -self.H * 1.3 - 20)
-        hi = (self.Ai * 0.9, self.B, 15.0)
-        sl = roi(lo, hi)
-        if sl is not None:
+        # ---- Liver with its vessels, then lesions, then the gallbladder beside it. ----
+        if lbox is not None:
+            sl = lbox
             xx, yy, zz = coords(sl)
-            ld = self.liver_d(xx, yy, zz)
+            ld = self.liver_keepout(lb_arr, xx, yy, zz)
             paint(sl, ld, hu_t["liver"])
-            inside = ld < 0
-            vessel_occ = np.zeros(ld.shape, np.float32)
             for kind, p, q, r0, r1 in self._vessels:
                 vl = roi(tuple(np.minimum(p, q) - r0 - 2), tuple(np.maximum(p, q) + r0 + 2))
-                if vl is None:
-                    continue
-                both = intersect(vl, sl)
+                both = None if vl is None else intersect(vl, sl)
                 if both is None:
                     continue
                 gsub, sub = both
                 vx, vy, vz = coords(gsub)
                 d = _capsule(vx, vy, vz, p, q, r0, r1)
-                occ = np.clip(0.5 - d / w, 0, 1)
-                val = hu_t["pv"] if kind == "pv" else hu_t["hv"]
-                tgt = img[gsub]
-                tgt += occ * (val - tgt)
-                vessel_occ[sub] = np.maximum(vessel_occ[sub], occ)
-            lab[sl][inside] = 1
-            # Lesions: label 2 inside the liver.
+                if kind == "hv":
+                    d = np.maximum(d, ld[sub] + 1.0)  # hepatic veins only inside the liver
+                paint(gsub, d, hu_t["pv"] if kind == "pv" else hu_t["hv"])
+            lab[sl][ld < 0] = 1
             for les in self.lesions:
                 c, a = les["c"], les["a"]
                 m = float(max(a)) + 4
                 ll = roi((c[0] - m, c[1] - m, c[2] - m), (c[0] + m, c[1] + m, c[2] + m))
-                if ll is None:
-                    continue
-                both = intersect(ll, sl)
+                both = None if ll is None else intersect(ll, sl)
                 if both is None:
                     continue
                 gsub, sub = both
                 lx, ly, lz = coords(gsub)
-                d = _ellipsoid(lx, ly, lz, tuple(c), tuple(a), les["rot"])
-                d = d + 0.12 * float(min(a)) * np.sin(0.4 * lx + 0.3 * ly) * np.cos(0.35 * lz - 0.2 * ly)
+                d = _ellipsoid(lx, ly, lz, tuple(float(v) for v in c), tuple(float(v) for v in a), les["rot"])
+                d = d + np.float32(0.12 * float(min(a))) * np.sin(0.4 * lx + 0.3 * ly) * np.cos(0.35 * lz - 0.2 * ly)
                 d = np.maximum(d, ld[sub])
                 L = hu_t["liver"]
                 k, cst = les["kind"], les["contrast"]
                 if k == "hypo":
                     val = L - cst * (25 + 45 * (self.phase == "portal"))
-                    val = val + 15 * np.clip(d / max(float(min(a)), 1) + 0.5, -0.5, 0.5)  # darker centre
+                    val = val + 15 * np.clip(d / max(float(min(a)), 1.0) + 0.5, -0.5, 0.5)  # darker centre
                 elif k == "cyst":
-                    val = hu_t["fluid"] + 0 * d
+                    val = hu_t["fluid"]
                 elif k == "hyper":
-                    val = L + cst * (30 + 50 * (self.phase == "arterial")) + 0 * d
+                    val = L + cst * (30 + 50 * (self.phase == "arterial"))
                 elif k == "rim":
-                    val = np.where(d > -les["rim"], L + 25 + 35 * cst, L - 30 - 30 * cst)
+                    val = np.where(d > -les["rim"], np.float32(L + 25 + 35 * cst), np.float32(L - 30 - 30 * cst))
                 else:
-                    val = L + (1 if cst > 0.8 else -1) * (6 + 10 * cst) + 0 * d
-                occ = np.clip(0.5 - d / w, 0, 1)
-                tgt = img[gsub]
-                tgt += occ * (val - tgt)
+                    val = L + (1 if cst > 0.8 else -1) * (6 + 10 * cst)
+                paint(gsub, d, val)
                 lsub = lab[gsub]
-                lsub[(d < 0)] = 2
-            # Gallbladder.
+                lsub[d < 0] = 2
             gd = self.gb_d(xx, yy, zz)
             paint(sl, gd, hu_t["wall"])
             paint(sl, gd + 2.0, self.gb_hu)
-        # Ribs and costal cartilage (one cross-section per rib and slice).
+        # ---- Ribs and costal cartilage (one cross-section per rib and slice). ----
         for k in range(nz):
             zk = float(zs[k])
             for side, b, slope, ra, rb in self.ribs:
-                ang = b + slope * (zk - 0.0) * (1 if b > 0 else -1)
-                theta = (np.pi / 2 - ang) if side > 0 else (np.pi / 2 + ang)
-                theta = -theta  # 0 anterior -> -pi/2 (y negative is anterior)
-                theta = math.atan2(math.sin(theta), math.cos(theta))
                 anter = abs(b) < 0.9
                 low = self.costal_z + (0.35 * self.H if anter else 0.0)
                 if zk < low or zk > 120:
                     continue
+                ang = b + slope * zk * (1 if b > 0 else -1)
+                theta = -((np.pi / 2 - ang) if side > 0 else (np.pi / 2 + ang))
                 cx, cy = math.cos(theta), math.sin(theta)
-                rd = float(self.body_d(np.float32(cx * 100), np.float32(cy * 100)))  # radial offset at 100 mm
-                r_skin = 100 - rd
+                rd = float(self.body_d(np.float32(cx * 100), np.float32(cy * 100)))
                 ft = float(self.fat_thickness(np.float32(cx), np.float32(cy)))
-                rc = r_skin - ft - self.muscle * 0.6
-                px, py = rc * cx, rc * cy
+                rc_ = (100 - rd) - ft - self.muscle * 0.6
+                px, py = rc_ * cx, rc_ * cy
                 m = max(ra, rb) + 3
                 sl2 = roi((px - m, py - m, zk), (px + m, py + m, zk))
                 if sl2 is None:
                     continue
                 sl2 = (slice(k, k + 1), sl2[1], sl2[2])
                 xx, yy, _ = coords(sl2)
-                u_ = (xx - px) * (-cy) + (yy - py) * cx  # tangential
-                v_ = (xx - px) * cx + (yy - py) * cy  # radial
+                u_ = (xx - px) * (-cy) + (yy - py) * cx
+                v_ = (xx - px) * cx + (yy - py) * cy
                 d = (np.sqrt((u_ / ra) ** 2 + (v_ / rb) ** 2) - 1) * rb
                 paint(sl2, d, hu_t["cartilage"] if anter else hu_t["bone"])
                 if not anter:
@@ -699,7 +747,7 @@ def make_phantom(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     zc = -pat.H / 2 if spec.z_center is None else float(spec.z_center)
     zs = zc + (np.arange(spec.n_slices) - (spec.n_slices - 1) / 2) * spec.slice_spacing
     t = spec.slice_thickness
-    offsets = [0.0] if t <= 1.5 else [-t / 3, 0.0, t / 3]
+    offsets = [0.0] if t <= 3.0 else [-t / 3, 0.0, t / 3]
     zall = np.sort(np.concatenate([zs + o for o in offsets]))
     img, lab = pat.render(xs, ys, zall, pv_width=min(ps_r, ps_c))
     n_sub = len(offsets)
