@@ -57,6 +57,26 @@ def test_labels_and_scores_share_one_mapping() -> None:
     assert (back != labels).mean() < 0.01
 
 
+@pytest.mark.parametrize("rows, spacing, smooth", [(512, 0.7, True), (512, 0.35, False), (100, 2.0, False),
+                                                   (333, 0.9, True), (64, 1.5, False)])
+def test_fast_label_resampling_equals_full_score_resampling(rows: int, spacing: float, smooth: bool) -> None:
+    """scores_to_labels interpolates only along label borders; it must give exactly the argmax of the
+    fully resampled scores, on smooth organ-like maps and on noise full of borders."""
+    from appliance.infer.preprocess import scores_to_labels
+
+    g = model_grid(rows, rows, (spacing, spacing), SPEC)
+    rng = np.random.default_rng(rows)
+    if smooth:
+        y, x = np.mgrid[0:g.padded[0], 0:g.padded[1]].astype(np.float32)
+        s = np.zeros((4, 3, *g.padded), np.float32)
+        s[:, 1] = 1 - ((x - 0.4 * g.shape[1]) ** 2 + (y - 0.5 * g.shape[0]) ** 2) / (0.25 * g.shape[0]) ** 2
+        s[:, 2] = 0.5 - ((x - 0.35 * g.shape[1]) ** 2 + (y - 0.45 * g.shape[0]) ** 2) / (0.06 * g.shape[0]) ** 2
+        s += rng.normal(0, 0.05, s.shape).astype(np.float32)
+    else:
+        s = rng.normal(size=(4, 3, *g.padded)).astype(np.float32)
+    np.testing.assert_array_equal(scores_to_labels(s, g), scores_to_source(s, g).argmax(1))
+
+
 def test_volume_is_ordered_by_position_not_by_name_or_number(tmp_path: Path) -> None:
     hu = blob_phantom(12, 48)
     uids = write_ct_volume(tmp_path, hu, spacing=(0.8, 0.8), thickness=2.0)

@@ -19,7 +19,7 @@ from appliance.errors import InferenceError
 from appliance.infer.backends import Backend
 from appliance.infer.measure import measure
 from appliance.infer.postprocess import keep_largest_component
-from appliance.infer.preprocess import batch_input, model_grid, scores_to_source, to_model_grid
+from appliance.infer.preprocess import batch_input, model_grid, scores_to_labels, to_model_grid
 from appliance.infer.volume import Volume, load_volume
 from appliance.models.package import ModelPackage
 
@@ -59,7 +59,7 @@ def segment_volume(volume: Volume, package: ModelPackage, backend: Backend,
         if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != prepared.shape[1:]:
             raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
                                  f"{(stop - start, spec.channels, *prepared.shape[1:])}")
-        labels[start:stop] = scores_to_source(scores, grid).argmax(axis=1)
+        labels[start:stop] = scores_to_labels(scores, grid)
         t_post += time.perf_counter() - t
         if progress:
             progress("infer", stop, n)
