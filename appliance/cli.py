@@ -82,11 +82,14 @@ def _backends_here() -> dict[str, str]:
         out["onnxruntime"] = "available (CPU)"
     except ImportError as exc:
         out["onnxruntime"] = f"unavailable: {exc}"
-    try:
-        from appliance.infer.backends.tensorrt import probe
+    from appliance.errors import BackendUnavailable
+    from appliance.infer.backends.tensorrt import gpu_info, trt_flavour
 
-        out["tensorrt"] = probe()
-    except Exception as exc:  # BackendUnavailable or a missing optional module
+    try:
+        flavour = trt_flavour()
+        gpu = gpu_info()
+        out["tensorrt"] = f"available ({flavour.name} {flavour.version} on {gpu.device})"
+    except BackendUnavailable as exc:
         out["tensorrt"] = f"unavailable: {exc}"
     return out
 
@@ -149,12 +152,22 @@ def cmd_models_build_engines(cfg: Config, args: argparse.Namespace) -> int:
         packages, refused = find_packages(models_dir)
         for name, why in refused.items():
             print(f"{name}: skipped, package refused: {why}", file=sys.stderr)
+    from appliance.infer.backends.tensorrt import read_sidecar
+
     engines = cfg.storage.data_dir / "engines"
+    failed = 0
     for pkg in packages:
         print(f"{pkg.name}: building {cfg.inference.precision} engine (this can take minutes)...", file=sys.stderr)
-        path, built = build_engine(pkg, cfg.inference.precision, engines)
-        print(f"{pkg.name}: {'built' if built else 'cached'} {path}")
-    return 0
+        try:
+            path, built = build_engine(pkg, cfg.inference.precision, engines)
+        except ApplianceError as exc:  # EngineBuildError, ModelPackageError, BackendUnavailable
+            print(f"{pkg.name}: FAILED: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        info = read_sidecar(path) or {}
+        took = f", built in {info['build_seconds']:.1f} s" if built and "build_seconds" in info else ""
+        print(f"{pkg.name}: {'built' if built else 'cached'} {path} ({path.stat().st_size / 1e6:.1f} MB{took})")
+    return 2 if failed else 0
 
 
 def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:

@@ -100,3 +100,31 @@ def test_bundled_demo_model_verifies() -> None:
     assert pkg.onnx_path.stat().st_size <= 20 * 1024 * 1024
     card = (pkg.path / "MODEL_CARD.md").read_text()
     assert "not a medical device" in card.lower()
+
+
+def test_build_engines_cli_builds_then_hits_cache(tmp_path: Path) -> None:
+    """`appliance models build-engines` builds a real TensorRT-RTX plan here (no GPU needed to build)."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is a test extra; not installed here")
+    write_package(tmp_path / "models", "good-one")
+    r = _cli(tmp_path, "models", "build-engines")
+    assert r.returncode == 0, r.stderr
+    assert "good-one: built" in r.stdout
+    plans = list((tmp_path / "var" / "engines").glob("good-one-*.plan"))
+    assert len(plans) == 1 and plans[0].stat().st_size > 1000
+    r = _cli(tmp_path, "models", "build-engines", "good-one")
+    assert r.returncode == 0 and "good-one: cached" in r.stdout, r.stdout + r.stderr
+
+
+def test_build_engines_cli_reports_a_model_tensorrt_rejects(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is a test extra; not installed here")
+    import hashlib
+
+    from model_factory import manifest_text
+
+    pkg = tmp_path / "models" / "broken"
+    pkg.mkdir(parents=True)
+    data = b"\x08\x07garbage that is not a protobuf model"
+    (pkg / "model.onnx").write_bytes(data)
+    (pkg / "manifest.toml").write_text(manifest_text("broken", {"model.onnx": hashlib.sha256(data).hexdigest()}))
+    r = _cli(tmp_path, "models", "build-engines", "broken")
+    assert r.returncode == 2 and "broken: FAILED" in r.stderr, r.stdout + r.stderr

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from appliance.errors import BackendUnavailable
+from appliance.errors import BackendUnavailable, EngineBuildError
 from appliance.models.package import ModelPackage
 
 log = logging.getLogger("appliance.infer")
@@ -50,6 +50,12 @@ def open_backend(package: ModelPackage, backend: str = "auto", precision: str = 
                     raise BackendUnavailable(f"TensorRT backend cannot load: {exc}") from None
                 raise
             log.info("TensorRT not used for %s (%s); running on ONNX Runtime (CPU)", package.name, exc)
+        except EngineBuildError as exc:
+            if backend == "tensorrt":
+                raise
+            # A GPU is here but TensorRT rejects this model: keep serving on the CPU, loudly.
+            log.error("TensorRT cannot build an engine for %s (%s); running it on ONNX Runtime (CPU) instead",
+                      package.name, exc)
     from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(package, threads=threads)

@@ -34,6 +34,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -441,7 +442,9 @@ def build_engine(package: ModelPackage, precision: str, engines_dir: Path, *, gp
                 "plan_bytes": len(data), "plan_sha256": hashlib.sha256(data).hexdigest(),
                 "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "built_on": socket.gethostname(), "built_with_gpu": gpu.device if gpu else None}
-        # Sidecar first, plan last: a plan file exists only once both are complete on disk.
+        # Any old plan goes first, then the sidecar, the plan last: a plan file exists only once both
+        # are complete on disk, and never beside a sidecar written for another plan.
+        plan.unlink(missing_ok=True)
         _write_atomic(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
         _write_atomic(plan, data)
         _fsync_dir(engines_dir)
@@ -488,6 +491,7 @@ class TensorRTBackend:
         self._trt = trt = fl.module
         self._ctx = None
         self._closed = False
+        self._lock = threading.Lock()
         gpu_id = default_gpu_id(fl, gpu)
         self.plan_path, self.built_now = build_engine(package, precision, self.engines_dir, gpu_id=gpu_id)
         data = self._read_plan(self.plan_path)
@@ -626,7 +630,7 @@ class TensorRTBackend:
         if x.shape[0] == 0:
             return np.empty((0, self.package.manifest.output.classes, *x.shape[2:]), np.float32)
         parts = []
-        with self._current():
+        with self._lock, self._current():  # one stream and one set of buffers: one run at a time
             for start in range(0, x.shape[0], self.max_batch):
                 parts.append(self._run_chunk(x[start:start + self.max_batch]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
