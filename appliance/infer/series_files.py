@@ -25,8 +25,9 @@ def find_series(folder: Path, series_uid: str | None = None) -> list[Path]:
         except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
             skipped += 1
             continue
-        if "Rows" in ds and ds.get("SeriesInstanceUID"):
-            by_series[str(ds.SeriesInstanceUID)].append(p)
+        if "Rows" in ds:
+            # Anonymisers sometimes blank SeriesInstanceUID: such files still make one series offline.
+            by_series[str(ds.get("SeriesInstanceUID", "") or "")].append(p)
     if series_uid is not None:
         if series_uid not in by_series:
             raise InferenceError(f"no image of series {series_uid} in {folder}")
@@ -34,6 +35,6 @@ def find_series(folder: Path, series_uid: str | None = None) -> list[Path]:
     if not by_series:
         raise InferenceError(f"no DICOM images in {folder}" + (f" ({skipped} non-DICOM files skipped)" if skipped else ""))
     if len(by_series) > 1:
-        listing = ", ".join(f"{uid} ({len(f)} files)" for uid, f in sorted(by_series.items()))
+        listing = ", ".join(f"{uid or '(blank)'} ({len(f)} files)" for uid, f in sorted(by_series.items()))
         raise InferenceError(f"{folder} holds {len(by_series)} series; choose one with --series: {listing}")
     return next(iter(by_series.values()))
