@@ -56,7 +56,8 @@ def train_module() -> Any:
 
 
 def torch_model_from_onnx(onnx_path: Path, channels: int) -> Any:
-    """The training architecture, batch-norm folded as exported, with model.onnx's weights loaded in order."""
+    """The training architecture, batch-norm folded as exported, with model.onnx's weights loaded by name
+    (the export keeps PyTorch's parameter names as initializer names)."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -65,17 +66,12 @@ def torch_model_from_onnx(onnx_path: Path, channels: int) -> Any:
     model = mod.fold_batchnorm(mod.build_model(channels=channels)).eval()
     graph = onnx.load(str(onnx_path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    # Weights appear in the graph in node order; match parameters by the order Conv/ConvTranspose use them.
-    ordered = []
-    for node in graph.node:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            ordered += [inits[n] for n in node.input[1:] if n in inits]
-    params = list(model.parameters())
-    if len(params) != len(ordered) or any(tuple(p.shape) != a.shape for p, a in zip(params, ordered)):
+    params = dict(model.named_parameters())
+    if set(params) != set(inits) or any(tuple(params[k].shape) != inits[k].shape for k in params):
         raise SystemExit("bench: the training script's architecture does not match model.onnx; retrain or fix")
     with torch.no_grad():
-        for p, a in zip(params, ordered):
-            p.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+        for k, p in params.items():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(inits[k])))
     return model
 
 

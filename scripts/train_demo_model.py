@@ -389,6 +389,12 @@ def write_card(out: Path, info: dict) -> None:
         if group in ho:
             g = ho[group]
             rows.append(f"| {group} | {g['cases']} | {_fmt(g['liver'])} | {_fmt(g['lesion'])} |")
+    all_ = ho.get("all", {})
+    met = [f"liver {_fmt(all_.get('liver', float('nan')))} (target >= 0.95: "
+           f"{'met' if all_.get('liver', 0) >= 0.95 else 'NOT met'})",
+           f"lesion {_fmt(all_.get('lesion', float('nan')))} (target >= 0.75: "
+           f"{'met' if all_.get('lesion', 0) >= 0.75 else 'NOT met'})"]
+    targets_line = "Targets on held-out phantoms: " + "; ".join(met) + "."
     real_line = (f"**{real['liver_dice']:.3f}** (liver = labels 1 and 2; label 1 alone: {real['liver_label1_dice']:.3f}) "
                  f"on {real['slices']} slices" if real else "not measured (data not present)")
     text = f"""# {NAME} {VERSION}: liver and liver-lesion segmentation on CT (demonstration model)
@@ -439,6 +445,8 @@ on the source grid after the serving post-processing):
 | group | cases | liver Dice | lesion Dice |
 |---|---|---|---|
 {chr(10).join(rows)}
+
+{targets_line}
 
 Real CT (20 slices of a portal venous abdominal CT, full field of view, reference liver mask from
 TotalSegmentator, not manual; never trained on or tuned against): liver Dice {real_line}.

@@ -679,7 +679,9 @@ class _Patient:
                 L = hu_t["liver"]
                 k, cst = les["kind"], les["contrast"]
                 if k == "hypo":
-                    val = L - cst * (25 + 45 * (self.phase == "portal"))
+                    # Hypovascular lesions stay clearly darker than enhancing parenchyma in the arterial
+                    # phase too (about 20-35 HU), and more so in the portal phase.
+                    val = L - cst * (35 + 35 * (self.phase == "portal"))
                     val = val + 15 * np.clip(d / max(float(min(a)), 1.0) + 0.5, -0.5, 0.5)  # darker centre
                 elif k == "cyst":
                     val = hu_t["fluid"]
