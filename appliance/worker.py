@@ -40,6 +40,8 @@ class Worker:
         self.config, self.store = config, store
         self.jobs = JobQueue(store.index)
         self._packages: dict[str, ModelPackage] = {}
+        #: True while a job runs: only then does SIGTERM interrupt (and give the job back).
+        self.busy = False
         self._backends: dict[str, Backend] = {}
 
     def backend_for(self, model: str) -> tuple[ModelPackage, Backend]:
@@ -102,11 +104,14 @@ class Worker:
                 stop.wait(poll_seconds)
                 continue
             try:
+                self.busy = True
                 self.run_job(job)
             except _Stopping:
                 self.give_back(job)
                 log.info("job %d given back to the queue (stopping)", job.id)
                 return
+            finally:
+                self.busy = False
 
 
 def run_worker(config: Config, ready: Any) -> None:
@@ -118,7 +123,8 @@ def run_worker(config: Config, ready: Any) -> None:
         if stop.is_set():
             return  # already stopping: let the give-back finish
         stop.set()
-        raise _Stopping
+        if worker.busy:  # interrupt the job; between jobs the loop sees ``stop`` by itself
+            raise _Stopping
 
     store = Store.open(config.storage.data_dir)
     alive = hold_processes_lock(store.data_dir)  # noqa: F841 (held until this process exits)

@@ -224,8 +224,12 @@ class Ingest:
         self._finish(event, "aborted")
 
     def on_conn_close(self, event: evt.Event) -> None:
-        # Closed without release or abort (network drop, or after a reject): treat like an abort.
-        self._finish(event, "aborted")
+        # The DUL thread reports the close of a normally released association (action AR-5, in state
+        # Sta13 "awaiting transport close" after our A-RELEASE-RP) and can do so before the association
+        # thread has fired EVT_RELEASED: that is a release. Any other close (network drop, after a
+        # reject) counts as an abort, so only the idle rule may complete the series.
+        state = getattr(getattr(event.assoc.dul, "state_machine", None), "current_state", None)
+        self._finish(event, "released" if state == "Sta13" else "aborted")
 
     # -- DIMSE -------------------------------------------------------------------------------------
 
