@@ -160,11 +160,11 @@ class Supervisor:
         return 0
 
     def _start_worker(self) -> Any:
-        ready = self.ctx.Event()
-        p = self.ctx.Process(target=run_worker, args=(self.config, ready), name="worker")
+        # Not waited for: the main loop must keep answering SIGTERM, and it notices a worker that dies.
+        # The event must outlive the child's start-up (it unpickles it), so it is kept on self.
+        self._worker_ready = self.ctx.Event()
+        p = self.ctx.Process(target=run_worker, args=(self.config, self._worker_ready), name="worker")
         p.start()
-        if not ready.wait(READY_TIMEOUT):
-            log.error("inference worker did not start within %.0f s", READY_TIMEOUT)
         return p
 
     @staticmethod
