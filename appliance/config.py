@@ -108,6 +108,8 @@ class InferenceConfig(_Section):
     threads: Annotated[int, Field(ge=0, le=256)] = 0
     #: A job whose worker dies this many times (crash, kill, out of memory) is marked failed.
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    #: CPU priority of the worker (nice increment): ingest keeps the CPU while a model runs.
+    nice: Annotated[int, Field(ge=0, le=19)] = 10
     #: How often the router and the worker look at the store for new work.
     poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.25
 

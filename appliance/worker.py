@@ -117,6 +117,9 @@ class Worker:
 def run_worker(config: Config, ready: Any) -> None:
     """Process entry point: work until SIGTERM."""
     logs.setup(config.logging.level)
+    if config.inference.nice:
+        # Receiving comes first: a modality waiting on a C-STORE response must not wait for a model.
+        os.nice(config.inference.nice)
     stop = threading.Event()
 
     def on_term(*_: Any) -> None:

@@ -313,6 +313,8 @@ def start_appliance(children: Children, exe: Path, work: Path, listeners: int = 
     port = free_port()
     cfg = work / "appliance.toml"
     cfg.write_text(
+        # Ingest alone: no routes, so no model runs on the benchmark's random-noise series between rounds.
+        "routes = []\n"
         "[dicom]\n"
         'ae_title = "EDGE"\n'
         'bind = "127.0.0.1"\n'
