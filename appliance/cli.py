@@ -129,12 +129,9 @@ def cmd_models_list(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_models_verify(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
-    from appliance.models.package import load_package
+    from appliance.models.package import installed_package
 
-    path = cfg.inference.resolved_models_dir() / args.name
-    if not path.is_dir():
-        raise ApplianceError(f"no model package {args.name!r} in {path.parent}")
-    pkg = load_package(path)
+    pkg = installed_package(cfg.inference.resolved_models_dir(), args.name)
     OnnxRuntimeBackend(pkg, threads=1)  # the ONNX loads and its tensor names match the manifest
     print(f"{pkg.name} {pkg.version}: OK ({len(pkg.manifest.files)} files match their SHA-256; "
           f"model.onnx loads in ONNX Runtime)")
@@ -143,11 +140,11 @@ def cmd_models_verify(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_models_build_engines(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.infer.backends.tensorrt import build_engine
-    from appliance.models.package import find_packages, load_package
+    from appliance.models.package import find_packages, installed_package
 
     models_dir = cfg.inference.resolved_models_dir()
     if args.name:
-        packages = [load_package(models_dir / n) for n in args.name]
+        packages = [installed_package(models_dir, n) for n in args.name]
     else:
         packages, refused = find_packages(models_dir)
         for name, why in refused.items():
@@ -176,12 +173,9 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.infer.backends import open_backend
     from appliance.infer.pipeline import run_series, write_outputs
     from appliance.infer.series_files import find_series
-    from appliance.models.package import load_package
+    from appliance.models.package import installed_package
 
-    path = cfg.inference.resolved_models_dir() / args.model
-    if not path.is_dir():
-        raise ApplianceError(f"no model package {args.model!r} in {path.parent} (see `appliance models list`)")
-    pkg = load_package(path)
+    pkg = installed_package(cfg.inference.resolved_models_dir(), args.model)
     files = find_series(Path(args.input_dir), args.series)
     backend = open_backend(pkg, args.backend or cfg.inference.backend, cfg.inference.precision,
                            cfg.storage.data_dir / "engines", cfg.inference.threads)

@@ -12,7 +12,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from appliance import logs
@@ -20,7 +19,7 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.infer.backends import Backend, open_backend
 from appliance.infer.pipeline import run_series, write_outputs
-from appliance.models.package import ModelPackage, load_package
+from appliance.models.package import ModelPackage, installed_package
 from appliance.store import Store
 from appliance.store.jobs import Job, JobQueue
 from appliance.store.locks import hold_processes_lock
@@ -39,27 +38,25 @@ class Worker:
     def __init__(self, config: Config, store: Store) -> None:
         self.config, self.store = config, store
         self.jobs = JobQueue(store.index)
-        self._packages: dict[str, ModelPackage] = {}
+        #: Opened models, by name: loading and engine set-up happen once per worker.
+        self._opened: dict[str, tuple[ModelPackage, Backend]] = {}
         #: True while a job runs: only then does SIGTERM interrupt (and give the job back).
         self.busy = False
-        self._backends: dict[str, Backend] = {}
 
     def backend_for(self, model: str) -> tuple[ModelPackage, Backend]:
-        if model not in self._backends:
+        if model not in self._opened:
             inf = self.config.inference
-            package = load_package(inf.resolved_models_dir() / model)
+            package = installed_package(inf.resolved_models_dir(), model)
             backend = open_backend(package, inf.backend, inf.precision, self.store.data_dir / "engines", inf.threads)
             log.info("model %s %s opened on %s (%s, %s)", package.name, package.version, backend.name,
                      backend.device, backend.precision)
-            self._packages[model], self._backends[model] = package, backend
-        return self._packages[model], self._backends[model]
+            self._opened[model] = (package, backend)
+        return self._opened[model]
 
     def run_job(self, job: Job) -> None:
         t0 = time.perf_counter()
         log.info("job %d: %s on series %s (attempt %d)", job.id, job.model, job.series_uid, job.attempts)
         try:
-            if not (self.config.inference.resolved_models_dir() / job.model).is_dir():
-                raise ApplianceError(f"model {job.model!r} is not installed in {self.config.inference.resolved_models_dir()}")
             package, backend = self.backend_for(job.model)
             paths = [self.store.spool.root / r["path"] for r in self.store.index.series_instances(job.series_uid)]
             result = run_series(paths, package, backend)
@@ -88,14 +85,6 @@ class Worker:
         else:
             log.info("job %d finished but its series changed meanwhile; the newer run will replace it", job.id)
 
-    def give_back(self, job: Job) -> None:
-        """A clean stop mid-job: back to the queue without counting the attempt."""
-        with self.store.index.transaction() as c:
-            c.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_pid = NULL,"
-                      " reason = 'appliance stopped during the job' WHERE id = ? AND generation = ?"
-                      " AND state = 'processing'", (job.id, job.generation))
-            JobQueue._settle_series(c, job.series_uid, time.time())
-
     def run(self, stop: threading.Event, poll_seconds: float) -> None:
         pid = os.getpid()
         while not stop.is_set():
@@ -107,7 +96,7 @@ class Worker:
                 self.busy = True
                 self.run_job(job)
             except _Stopping:
-                self.give_back(job)
+                self.jobs.give_back(job)
                 log.info("job %d given back to the queue (stopping)", job.id)
                 return
             finally:

@@ -25,7 +25,6 @@ from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E40
 
 def heavy_onnx(width: int = 32, layers: int = 6) -> bytes:
     """A conv stack closer to a segmentation net's cost per pixel: 3 -> width x layers -> 3 at full size."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

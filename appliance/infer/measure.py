@@ -64,7 +64,7 @@ def measure(labels: np.ndarray, label_defs: list[Label], pixel_spacing: tuple[fl
                     d = _longest_in_plane(sub[dz], pixel_spacing)
                     if d > best:
                         best, best_z = d, sl[0].start + dz
-            zc, rc, cc = ndimage.center_of_mass(comp[sl] == i)
+            zc, rc, cc = ndimage.center_of_mass(sub)
             lesions.append({
                 "label": lab.value,
                 "volume_ml": round(int(sizes[i]) * voxel_ml, 3),

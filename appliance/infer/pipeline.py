@@ -6,6 +6,8 @@ decode -> preprocess -> infer (batches) -> postprocess (scores back to the sourc
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ from appliance.infer.postprocess import keep_largest_component
 from appliance.infer.preprocess import batch_input, model_grid, scores_to_labels, to_model_grid
 from appliance.infer.volume import Volume, load_volume
 from appliance.models.package import ModelPackage
+from appliance.store.spool import write_atomic
 
 log = logging.getLogger("appliance.infer")
 
@@ -103,21 +106,9 @@ def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend,
 
 def write_outputs(result: SeriesResult, out_dir: Path) -> None:
     """``labelmap.npz`` (labels, sop_instance_uids) and ``summary.json``, each written atomically."""
-    import json
-    import os
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".labelmap.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, labels=result.labels,
-                            sop_instance_uids=np.array(result.volume.sop_instance_uids, dtype=np.str_))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / "labelmap.npz")
-    tmp = out_dir / ".summary.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result.summary, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / "summary.json")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, labels=result.labels,
+                        sop_instance_uids=np.array(result.volume.sop_instance_uids, dtype=np.str_))
+    write_atomic(out_dir / "labelmap.npz", buf.getvalue())
+    write_atomic(out_dir / "summary.json", (json.dumps(result.summary, indent=2) + "\n").encode("utf-8"))

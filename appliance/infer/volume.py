@@ -91,7 +91,7 @@ def load_volume(paths: Sequence[Path], progress: Callable[[int, int], None] | No
     """Read, decode and stack ``paths`` (one series) in geometric order."""
     if not paths:
         raise InferenceError("the series has no instances")
-    headers: list[tuple[float, Path, Dataset]] = []
+    headers: list[tuple[float, tuple[float, ...], Dataset]] = []  # (position along the normal, IPP, header)
     normal = orientation = None
     shape = None
     series_uid = None
@@ -120,7 +120,7 @@ def load_volume(paths: Sequence[Path], progress: Callable[[int, int], None] | No
                                 "(localizers or reformats mixed in?)")
         elif (int(ds.Rows), int(ds.Columns)) != shape:
             raise GeometryError(f"{where}: {ds.Rows}x{ds.Columns} pixels differs from the series' {shape[0]}x{shape[1]}")
-        headers.append((float(np.dot(normal, ipp)), p, ds))
+        headers.append((float(np.dot(normal, ipp)), ipp, ds))
 
     headers.sort(key=lambda h: h[0])
     z = np.array([h[0] for h in headers])
@@ -141,7 +141,7 @@ def load_volume(paths: Sequence[Path], progress: Callable[[int, int], None] | No
     first = headers[0][2]
     pixel_spacing = _floats(first, "PixelSpacing", 2, f"instance {first.get('SOPInstanceUID')}")
     hu = np.empty((len(headers), *shape), dtype=np.float32)
-    for i, (_, p, ds) in enumerate(headers):
+    for i, (_, _, ds) in enumerate(headers):
         hu[i] = decode_hu(ds, f"instance {ds.SOPInstanceUID}")
         del ds.PixelData  # the decoded copy is all we keep
         if progress:
@@ -152,7 +152,7 @@ def load_volume(paths: Sequence[Path], progress: Callable[[int, int], None] | No
         sop_instance_uids=[str(h[2].SOPInstanceUID) for h in headers],
         pixel_spacing=(pixel_spacing[0], pixel_spacing[1]),
         slice_spacing=slice_spacing,
-        positions=np.array([_floats(h[2], "ImagePositionPatient", 3, "") for h in headers]),
+        positions=np.array([h[1] for h in headers]),
         orientation=tuple(orientation),
         series_uid=series_uid or "",
         study_uid=str(reference.get("StudyInstanceUID", "")),

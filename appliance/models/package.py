@@ -128,6 +128,15 @@ def load_package(path: Path, *, verify: bool = True) -> ModelPackage:
     return ModelPackage(path=path, manifest=manifest, onnx_sha256=digests[MODEL_FILE])
 
 
+def installed_package(models_dir: Path, name: str) -> ModelPackage:
+    """The package ``name`` from ``models_dir``, checked; a clear error when it is not installed."""
+    path = Path(models_dir) / name
+    if not path.is_dir():
+        raise ModelPackageError(f"no model package {name!r} in {Path(models_dir)}: not installed "
+                                "(see `appliance models list`)")
+    return load_package(path)
+
+
 def find_packages(models_dir: Path) -> tuple[list[ModelPackage], dict[str, str]]:
     """Every valid package under ``models_dir``, and for each refused folder the reason."""
     good: list[ModelPackage] = []

@@ -118,6 +118,14 @@ class JobQueue:
             self._settle_series(c, job.series_uid, now)
         return True
 
+    def give_back(self, job: Job) -> None:
+        """A clean stop mid-job: back to the queue without counting the attempt."""
+        with self.index.transaction() as c:
+            c.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_pid = NULL,"
+                      " reason = 'appliance stopped during the job' WHERE id = ? AND generation = ?"
+                      " AND state = 'processing'", (job.id, job.generation))
+            self._settle_series(c, job.series_uid, time.time())
+
     @staticmethod
     def _settle_series(c: Any, series_uid: str, now: float) -> None:
         """Series state from its jobs, unless the series is receiving again."""

@@ -456,6 +456,11 @@ class _Patient:
                 return None
             return g, tuple(slice(s_.start - q.start, s_.stop - q.start) for s_, q in zip(g, b))
 
+        def ellipsoid_box(c, a, pad=3):
+            """roi() of an ellipsoid with centre c and semi-axes a, grown by pad mm (in-plane by its largest axis)."""
+            m = max(a) + pad
+            return roi((c[0] - m, c[1] - m, c[2] - a[2] - pad), (c[0] + m, c[1] + m, c[2] + a[2] + pad))
+
         def coords(sl):
             return X[:, :, sl[2]], Y[:, sl[1], :], Z[sl[0], :, :]
 
@@ -533,7 +538,6 @@ class _Patient:
         def paint(sl, d, value):
             return paint_on(img[sl], d, value)
 
-        full = (slice(0, nz), slice(0, ny), slice(0, nx))
         # ---- Lungs (above the diaphragm, inside the ribcage) and heart: only slices above the lowest dome point. ----
         dz2 = self.dome_z(x2, y2)
         cav_in = cav2 < 0
@@ -576,8 +580,7 @@ class _Patient:
 
         # ---- Kidneys: cortex, medulla, sinus fat. ----
         for c, a, rot, ct in self.kid:
-            m = max(a) + 3
-            sl = roi((c[0] - m, c[1] - m, c[2] - a[2] - 3), (c[0] + m, c[1] + m, c[2] + a[2] + 3))
+            sl = ellipsoid_box(c, a)
             if sl is None:
                 continue
             xx, yy, zz = coords(sl)
@@ -590,8 +593,7 @@ class _Patient:
             paint(sl, np.maximum(sinus + 4, d + 2), hu_t["fluid"])
         # ---- Spleen (mottled in the arterial phase). ----
         c, a = self.spleen_c, self.spleen_a
-        m = max(a) + 3
-        sl = roi((c[0] - m, c[1] - m, c[2] - a[2] - 3), (c[0] + m, c[1] + m, c[2] + a[2] + 3))
+        sl = ellipsoid_box(c, a)
         if sl is not None:
             xx, yy, zz = coords(sl)
             f = _ellipsoid(xx, yy, zz, c, a, self.spleen_rot)
@@ -620,8 +622,7 @@ class _Patient:
         # ---- Bowel loops and the hepatic flexure. ----
         loops = list(self.bowel) + [(self.colon[0], self.colon[1], 0.3, self.colon[2], 0.0)]
         for c, a, rot, content, lvl in loops:
-            m = max(a) + 3
-            sl = roi((c[0] - m, c[1] - m, c[2] - a[2] - 3), (c[0] + m, c[1] + m, c[2] + a[2] + 3))
+            sl = ellipsoid_box(c, a)
             if sl is None:
                 continue
             xx, yy, zz = coords(sl)

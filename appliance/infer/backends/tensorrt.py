@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import socket
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np
 
 from appliance.errors import BackendUnavailable, EngineBuildError, InferenceError, ModelPackageError
 from appliance.models.package import ModelPackage
+from appliance.store.spool import fsync_dir, write_atomic
 
 log = logging.getLogger("appliance.infer")
 
@@ -252,29 +252,6 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # --------------------------------------------------------------------------------------------------
 # Building
 
@@ -445,9 +422,10 @@ def build_engine(package: ModelPackage, precision: str, engines_dir: Path, *, gp
         # Any old plan goes first, then the sidecar, the plan last: a plan file exists only once both
         # are complete on disk, and never beside a sidecar written for another plan.
         plan.unlink(missing_ok=True)
-        _write_atomic(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
-        _write_atomic(plan, data)
-        _fsync_dir(engines_dir)
+        write_atomic(sidecar, (json.dumps(meta, indent=2) + "\n").encode())
+        write_atomic(plan, data)
+        with contextlib.suppress(OSError):  # best effort: the plan is re-built if it is lost
+            fsync_dir(engines_dir)
         log.info("built %s (%.1f MB) in %.1f s", plan.name, len(data) / 1e6, info["build_seconds"])
     return plan, True
 
@@ -569,7 +547,7 @@ class TensorRTBackend:
         with contextlib.suppress(Exception):
             blob = self._runtime_cache[1].serialize()
             if blob is not None and len(memoryview(blob)):
-                _write_atomic(self._jit_cache_path(), bytes(memoryview(blob)))
+                write_atomic(self._jit_cache_path(), bytes(memoryview(blob)))
 
     def _setup_io(self) -> None:
         trt, eng, ctx, pkg = self._trt, self._engine, self._context, self.package
