@@ -52,8 +52,9 @@ def threshold_onnx(channels: int = 3) -> bytes:
     return model.SerializeToString()
 
 
-def manifest_text(name: str, digests: dict[str, str], channels: int = 3, spacing: float = 1.5,
-                  extra_input: str = "") -> str:
+def manifest_text(name: str, digests: dict[str, str], channels: int = 3, spacing: float = 1.5, *,
+                  tensor: str = "image", min_hw: int = 32, opt_hw: int = 128, max_hw: int = 384,
+                  opt_batch: int = 4, max_batch: int = 8) -> str:
     files = "\n".join(f'"{k}" = "{v}"' for k, v in digests.items())
     return f'''schema = 1
 name = "{name}"
@@ -65,16 +66,16 @@ licence = "Test fixture"
 
 [input]
 dims = 2
-tensor = "image"
+tensor = "{tensor}"
 channels = {channels}
 spacing_mm = [{spacing}, {spacing}]
 size_multiple = 16
-min_size = [32, 32]
-opt_size = [128, 128]
-max_size = [384, 384]
-opt_batch = 4
-max_batch = 8
-{extra_input}
+min_size = [{min_hw}, {min_hw}]
+opt_size = [{opt_hw}, {opt_hw}]
+max_size = [{max_hw}, {max_hw}]
+opt_batch = {opt_batch}
+max_batch = {max_batch}
+
 [normalisation]
 kind = "hu_window"
 window = [{WINDOW[0]}, {WINDOW[1]}]

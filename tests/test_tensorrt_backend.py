@@ -23,6 +23,7 @@ from appliance.errors import BackendUnavailable, EngineBuildError, InferenceErro
 from appliance.infer.backends import open_backend
 from appliance.infer.backends import tensorrt as trtb
 from appliance.models.package import ModelPackage, load_package, sha256_file
+from model_factory import manifest_text
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -61,51 +62,9 @@ def write_package(root: Path, name: str = "tinyseg", onnx_bytes: bytes | None = 
     pkg = root / name
     pkg.mkdir(parents=True)
     (pkg / "model.onnx").write_bytes(onnx_bytes if onnx_bytes is not None else tiny_onnx())
-    (pkg / "manifest.toml").write_text(textwrap.dedent(f"""\
-        schema = 1
-        name = "{name}"
-        version = "0.1.0"
-        task = "segmentation"
-        modality = "CT"
-        intended_use = "Tests only."
-        licence = "CC0-1.0"
-
-        [input]
-        dims = 2
-        tensor = "{input_tensor}"
-        channels = 3
-        spacing_mm = [1.0, 1.0]
-        size_multiple = 16
-        min_size = [{MIN_HW}, {MIN_HW}]
-        opt_size = [{OPT_HW}, {OPT_HW}]
-        max_size = [{MAX_HW}, {MAX_HW}]
-        opt_batch = {OPT_BATCH}
-        max_batch = {max_batch}
-
-        [normalisation]
-        kind = "hu_window"
-        window = [-200.0, 300.0]
-
-        [output]
-        tensor = "logits"
-        kind = "scores"
-        classes = 3
-
-        [[labels]]
-        value = 1
-        name = "liver"
-        category = {{ scheme = "SCT", code = "123037004", meaning = "Anatomical Structure" }}
-        type = {{ scheme = "SCT", code = "10200004", meaning = "Liver" }}
-
-        [[labels]]
-        value = 2
-        name = "spleen"
-        category = {{ scheme = "SCT", code = "123037004", meaning = "Anatomical Structure" }}
-        type = {{ scheme = "SCT", code = "78961009", meaning = "Spleen" }}
-
-        [files]
-        "model.onnx" = "{sha256_file(pkg / 'model.onnx')}"
-        """), encoding="utf-8")
+    (pkg / "manifest.toml").write_text(manifest_text(
+        name, {"model.onnx": sha256_file(pkg / "model.onnx")}, spacing=1.0, tensor=input_tensor,
+        min_hw=MIN_HW, opt_hw=OPT_HW, max_hw=MAX_HW, opt_batch=OPT_BATCH, max_batch=max_batch), encoding="utf-8")
     return load_package(pkg)
 
 
