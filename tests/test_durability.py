@@ -133,19 +133,28 @@ def test_listener_killed_alone_is_restarted(appliance_factory: Any, tmp_path: Pa
     if not children_file.exists():
         pytest.skip("needs /proc/PID/task/PID/children (Linux)")
 
+    def nice(pid: int | str) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    supervisor_nice = nice(app.proc.pid)
+
     def listener_pids() -> set[int]:
+        """Spawned children at the supervisor's priority: the listeners (the inference worker renices itself)."""
         pids = set()
         for pid in children_file.read_text().split():
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except FileNotFoundError:
+                same_priority = nice(pid) == supervisor_nice
+            except (FileNotFoundError, ProcessLookupError):
                 continue
-            if b"multiprocessing.spawn" in cmdline or b"spawn_main" in cmdline:
+            if (b"multiprocessing.spawn" in cmdline or b"spawn_main" in cmdline) and same_priority:
                 pids.add(int(pid))
         return pids
 
-    before = listener_pids()
-    assert len(before) >= 2, f"expected 2 listener processes, found {before}"
+    deadline = time.monotonic() + 10  # the worker is spawned after the listeners and renices itself at once
+    while len(before := listener_pids()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(before) == 2, f"expected 2 listener processes, found {before}"
     victim = min(before)
     os.kill(victim, 9)
     deadline = time.monotonic() + 20
