@@ -57,7 +57,7 @@ def cmd_series(cfg: Config, args: argparse.Namespace) -> int:
     if not out:
         print(f"no series received yet (data in {store.data_dir})")
         return 0
-    cols = [("state", 9), ("modality", 4), ("instances", 9), ("last_received", 23), ("series_uid", 64),
+    cols = [("state", 13), ("modality", 4), ("instances", 9), ("last_received", 23), ("series_uid", 64),
             ("description", 30)]
     print("  ".join(name.upper().ljust(w) for name, w in cols).rstrip())
     for r in out:
@@ -174,6 +174,7 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.infer.pipeline import run_series, write_outputs
     from appliance.infer.series_files import find_series
     from appliance.models.package import installed_package
+    from appliance.results import build_results
 
     pkg = installed_package(cfg.inference.resolved_models_dir(), args.model)
     files = find_series(Path(args.input_dir), args.series)
@@ -192,11 +193,54 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     result = run_series(files, pkg, backend, progress if not args.quiet else None)
     out = Path(args.out)
     write_outputs(result, out)
+    made = [] if args.no_dicom else build_results(result, pkg, out)
     s = result.summary
     organs = ", ".join(f"{o['name']} {o['volume_ml']:.1f} mL" for o in s["organs"])
-    print(f"{out}/labelmap.npz, {out}/summary.json: {organs}; {s['lesions']['count']} lesion(s); "
+    files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
+    print(f"{out}: {files_made}: {organs}; {s['lesions']['count']} lesion(s); "
           + ", ".join(f"{k} {v:.2f}s" for k, v in s["timings_s"].items()))
     return 0
+
+
+def _outbox(cfg: Config) -> Any:
+    from appliance.store import Store
+    from appliance.store.outbox import Outbox
+
+    return Outbox(Store.open(cfg.storage.data_dir, create=False).index)
+
+
+def cmd_outbox_list(cfg: Config, args: argparse.Namespace) -> int:
+    rows = _outbox(cfg).list(state=args.state, series_uid=args.series)
+    for r in rows:
+        for k in ("next_attempt_at", "created_at", "sent_at"):
+            r[k] = _iso(r[k])
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        print("the outbox is empty" + (f" (state {args.state})" if args.state else ""))
+        return 0
+    cols = [("id", 6), ("state", 10), ("destination", 12), ("kind", 4), ("attempts", 8), ("model", 16),
+            ("series_uid", 40), ("last_error", 80)]
+    print("  ".join(name.upper().ljust(w) for name, w in cols).rstrip())
+    for r in rows:
+        print("  ".join(str(r[name] if r[name] is not None else "-")[:w if name != "last_error" else 200].ljust(w)
+                        for name, w in cols).rstrip())
+    by_state: dict[str, int] = {}
+    for r in rows:
+        by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+    print(", ".join(f"{n} {k}" for k, n in sorted(by_state.items())))
+    return 0
+
+
+def cmd_outbox_retry(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.ids and not args.all_dead:
+        print("appliance outbox retry: name the outbox ids to retry, or --all-dead", file=sys.stderr)
+        return 2
+    n = _outbox(cfg).retry(args.ids, all_dead=args.all_dead)
+    print(f"{n} dead letter(s) queued again; a running appliance sends them within seconds")
+    return 0 if n or args.all_dead else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="run one series from files through a model, offline",
                        description="Run the series in INPUT_DIR (DICOM files, searched recursively) through "
                                    "MODEL with exactly the worker's code, and write OUT/labelmap.npz (labels "
-                                   "uint8 (slices, rows, cols), sop_instance_uids) and OUT/summary.json.")
+                                   "uint8 (slices, rows, cols), sop_instance_uids), OUT/summary.json and the "
+                                   "DICOM results a PACS would receive (seg.dcm, sr.dcm, sc-1.dcm) with PNG "
+                                   "previews.")
     p.add_argument("input_dir", metavar="INPUT_DIR", help="folder with the series' DICOM files")
     p.add_argument("--model", required=True, help="model package name, e.g. liver-ct-demo")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
@@ -258,8 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
                    help="override [inference] backend")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-dicom", action="store_true", help="write only labelmap.npz and summary.json")
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("outbox", help="result objects waiting for, delivered to or refused by destinations",
+                       description="Every result object x destination is an outbox row: pending (being sent, "
+                                   "retried with backoff), sent, dead (gave up after [export] max_attempts) or "
+                                   "superseded (the series changed before it was sent).")
+    osub = p.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    q = osub.add_parser("list", help="list outbox rows with their state, attempts and last error",
+                        description="List outbox rows, oldest first, with the last error of each.")
+    q.add_argument("--state", choices=["pending", "sent", "dead", "superseded"], help="only rows in this state")
+    q.add_argument("--series", metavar="UID", help="only rows of this source series")
+    q.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_outbox_list)
+    q = osub.add_parser("retry", help="send dead letters again",
+                        description="Queue dead outbox rows again with a fresh attempt count; the running "
+                                    "appliance sends them at once. Exit status 1 when none of the ids was dead.")
+    q.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox ids (see `appliance outbox list`)")
+    q.add_argument("--all-dead", action="store_true", help="every dead row")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_outbox_retry)
     return parser
 
 

@@ -75,15 +75,18 @@ class StorageConfig(_Section):
     data_dir: Path = Path("./var")
     #: Below this many free bytes on the data filesystem, new instances are refused with 0xA700.
     min_free_bytes: Annotated[int, Field(ge=0)] = 2_000_000_000
+    #: Days a series (its instances and results) is kept after all its results were delivered (or after
+    #: it was found to need no model); then it is purged. Undelivered work is never purged. 0 keeps all.
+    retention_days: Annotated[float, Field(ge=0)] = 30.0
 
 
 class AssembleConfig(_Section):
     #: Idle seconds after which a series counts as complete.
     stable_seconds: Annotated[float, Field(gt=0)] = 5.0
     #: Seconds after the delivering association(s) released before the series counts as complete.
-    release_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 0.5
     #: How often the assembler looks at the store; bounds the completion latency.
-    poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.2
+    poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
 
 
 class LoggingConfig(_Section):
@@ -111,12 +114,28 @@ class InferenceConfig(_Section):
     #: CPU priority of the worker (nice increment): ingest keeps the CPU while a model runs.
     nice: Annotated[int, Field(ge=0, le=19)] = 10
     #: How often the router and the worker look at the store for new work.
-    poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.25
+    poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
 
     def resolved_models_dir(self) -> Path:
         from appliance.models.package import bundled_models_dir
 
         return self.models_dir if self.models_dir is not None else bundled_models_dir()
+
+
+class ExportConfig(_Section):
+    """How results are sent to destinations: retries with exponential backoff and jitter, then a dead letter."""
+
+    #: Attempts per object and destination before it is marked dead (``appliance outbox retry`` revives it).
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 100
+    #: Delay before the first retry; doubled on each further failure (with jitter), up to backoff_max_seconds.
+    backoff_seconds: Annotated[float, Field(gt=0)] = 5.0
+    backoff_max_seconds: Annotated[float, Field(gt=0)] = 300.0
+    #: Connection, association and C-STORE response timeout.
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    #: How often the sender looks at the outbox.
+    poll_seconds: Annotated[float, Field(gt=0, le=10)] = 0.2
+    #: Objects sent per association.
+    batch: Annotated[int, Field(ge=1, le=10000)] = 100
 
 
 class Destination(_Section):
@@ -177,6 +196,7 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=lambda: list(DEFAULT_ROUTES))
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -43,3 +43,8 @@ class DecodeError(InferenceError):
 
 class GeometryError(InferenceError):
     """The slices of a series do not form one volume (mixed orientations, sizes, or missing positions)."""
+
+
+class ResultsError(ApplianceError):
+    """Model outputs could not be turned into DICOM result objects (SEG, SR, key image); the message says
+    which object and what in the source series or model package prevents it."""

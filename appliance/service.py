@@ -21,6 +21,8 @@ from appliance import __version__
 from appliance.assemble import Assembler
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.export import Sender
+from appliance.retention import Purger
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
 from appliance.models.package import find_packages
@@ -118,6 +120,12 @@ class Supervisor:
                         cfg.inference.poll_seconds)
         route_thread = threading.Thread(target=router.run, args=(self.stop,), name="route", daemon=True)
         route_thread.start()
+        sender = Sender(cfg, store)
+        export_thread = threading.Thread(target=sender.run, args=(self.stop,), name="export", daemon=True)
+        export_thread.start()
+        purger = Purger(store, cfg.storage.retention_days)
+        purge_thread = threading.Thread(target=purger.run, args=(self.stop,), name="retention", daemon=True)
+        purge_thread.start()
         worker = self._start_worker()
 
         restarts: list[float] = []
@@ -151,6 +159,8 @@ class Supervisor:
         self._stop_all([*listeners, worker])
         assemble_thread.join(5)
         route_thread.join(5)
+        export_thread.join(cfg.export.timeout_seconds + 5)
+        purge_thread.join(5)
         sock.close()
         store.index.close()
         procs_lock.close()

@@ -21,7 +21,8 @@ from appliance.infer.backends import Backend, open_backend
 from appliance.infer.pipeline import run_series, write_outputs
 from appliance.models.package import ModelPackage, installed_package
 from appliance.store import Store
-from appliance.store.jobs import Job, JobQueue
+from appliance.results import build_results
+from appliance.store.jobs import Job, JobQueue, NewObject
 from appliance.store.locks import hold_processes_lock
 from appliance.store.spool import fsync_dir
 
@@ -63,6 +64,9 @@ class Worker:
             rel = f"{RESULTS_DIR}/{job.series_uid}/{job.model}"
             out = self.store.data_dir / rel
             write_outputs(result, out)
+            t_res = time.perf_counter()
+            made = build_results(result, package, out)
+            result.timings["results"] = time.perf_counter() - t_res
             fsync_dir(out)
             fsync_dir(out.parent)
             fsync_dir(out.parent.parent)
@@ -77,10 +81,13 @@ class Worker:
         timings = {k: round(v, 3) for k, v in result.timings.items()}
         timings["total"] = round(time.perf_counter() - t0, 3)
         lesions = result.summary["lesions"]
+        objects = [NewObject(kind=o.kind, sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid,
+                             result_series_uid=o.series_instance_uid, path=f"{rel}/{o.filename}") for o in made]
         if self.jobs.finish(job, ok=True, reason="done", backend=backend.name, device=backend.device,
-                            precision=backend.precision, timings=timings, result_dir=rel):
-            log.info("job %d done in %.1f s (%s): %d slices, %d lesion(s); %s", job.id, timings["total"],
-                     backend.name, result.labels.shape[0], lesions["count"],
+                            precision=backend.precision, timings=timings, result_dir=rel, objects=objects):
+            log.info("job %d done in %.1f s (%s): %d slices, %d lesion(s), %d result object(s) for %s; %s", job.id,
+                     timings["total"], backend.name, result.labels.shape[0], lesions["count"], len(objects),
+                     ", ".join(job.destinations) or "no destination",
                      ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
         else:
             log.info("job %d finished but its series changed meanwhile; the newer run will replace it", job.id)

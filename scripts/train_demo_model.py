@@ -190,27 +190,35 @@ def _progress(what: str, i: int, n: int, t0: float) -> None:
 class CropSampler:
     """Random training crops of model-grid slices with their slice context, mostly through the liver."""
 
-    def __init__(self, cases: list[dict], crop: int, rng: np.random.Generator) -> None:
+    def __init__(self, cases: list[dict], crop: int, rng: np.random.Generator, lesion_frac: float = 0.0) -> None:
         self.cases = cases
         self.crop = crop
         self.rng = rng
+        self.lesion_frac = lesion_frac
         self.index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0])]
         self.liver_index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0]) if (c["lab"][k] > 0).any()]
+        # Lesion pixels are ~1% of liver crops; without crops centred on them the lesion class is starved.
+        self.lesion_index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0]) if (c["lab"][k] == 2).any()]
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         ch, cs = SPEC.channels, self.crop
         x = np.full((n, ch, cs, cs), -1.0, np.float32)
         y = np.zeros((n, cs, cs), np.int64)
         for b in range(n):
-            pool = self.liver_index if (self.liver_index and self.rng.random() < 0.85) else self.index
+            on_lesion = bool(self.lesion_index) and self.rng.random() < self.lesion_frac
+            if on_lesion:
+                pool = self.lesion_index
+            else:
+                pool = self.liver_index if (self.liver_index and self.rng.random() < 0.85) else self.index
             ci, k = pool[int(self.rng.integers(len(pool)))]
             case = self.cases[ci]
             prep, lab = case["prep"], case["lab"]
             idx = context_indices(prep.shape[0], ch)[k]
             H, W = prep.shape[1:]
-            # Crop origin: centred near liver pixels half the time, anywhere otherwise.
-            if self.rng.random() < 0.5 and (lab[k] > 0).any():
-                rr, cc = np.nonzero(lab[k] > 0)
+            # Crop origin: near a lesion pixel for lesion crops; near liver pixels half the time otherwise.
+            centre = (lab[k] == 2) if on_lesion else (lab[k] > 0)
+            if (on_lesion or self.rng.random() < 0.5) and centre.any():
+                rr, cc = np.nonzero(centre)
                 j = int(self.rng.integers(len(rr)))
                 r0 = int(rr[j]) - cs // 2 + int(self.rng.integers(-cs // 4, cs // 4 + 1))
                 c0 = int(cc[j]) - cs // 2 + int(self.rng.integers(-cs // 4, cs // 4 + 1))
@@ -542,6 +550,28 @@ ort_cpu_300_slices_176px_s = {info['onnx']['ort_300_slices_176_s']:.2f}
 # ------------------------------------------------------------------------------------------------------
 
 
+def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Training phantoms rotate through seeds 0..N-1; held-out ones alternate full and targeted views."""
+    import pickle
+
+    key = (args.train_phantoms, args.train_slices, args.heldout_phantoms, args.heldout_slices)
+    if args.cache is not None and args.cache.exists():
+        with args.cache.open("rb") as f:
+            cached = pickle.load(f)
+        if cached.get("key") == key:
+            log(f"phantoms from cache {args.cache}")
+            return cached["train"], cached["heldout"]
+        log(f"cache {args.cache} was rendered with other settings: rendering again")
+    train = render_cases(list(range(args.train_phantoms)), args.train_slices, args.workers)
+    ho_seeds = [HELDOUT_SEED0 + i for i in range(args.heldout_phantoms)]
+    ho_kinds = ["full" if i % 2 == 0 else "targeted" for i in range(args.heldout_phantoms)]
+    heldout = render_cases(ho_seeds, args.heldout_slices, args.workers, ho_kinds, keep_source=True)
+    if args.cache is not None:
+        with args.cache.open("wb") as f:
+            pickle.dump({"key": key, "train": train, "heldout": heldout}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return train, heldout
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
@@ -555,6 +585,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 12; 2 with --quick)")
     p.add_argument("--heldout-slices", type=int, default=None, help="slices per held-out phantom (default 32)")
+    p.add_argument("--lesion-crops", type=float, default=0.3,
+                   help="fraction of crops centred on a lesion pixel (default 0.3)")
+    p.add_argument("--lesion-weight", type=float, default=3.0,
+                   help="cross-entropy weight of the lesion class (default 3)")
+    p.add_argument("--lesion-dice", type=float, default=1.0,
+                   help="weight of the lesion soft-Dice term in the loss (default 1)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="pickle of the rendered phantoms: read if present, else written (re-runs skip rendering)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering phantoms (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -594,10 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     # Data. Training phantoms rotate through seeds 0..N-1; held-out ones alternate full and targeted views.
-    train = render_cases(list(range(args.train_phantoms)), args.train_slices, args.workers)
-    ho_seeds = [HELDOUT_SEED0 + i for i in range(args.heldout_phantoms)]
-    ho_kinds = ["full" if i % 2 == 0 else "targeted" for i in range(args.heldout_phantoms)]
-    heldout = render_cases(ho_seeds, args.heldout_slices, args.workers, ho_kinds, keep_source=True)
+    train, heldout = load_or_render(args)
     log(f"data ready in {time.time() - t_start:.0f}s: {sum(c['prep'].shape[0] for c in train)} training slices")
 
     # Model and optimiser.
@@ -612,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         t = (step - warm) / max(1, args.steps - warm)
         return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]))
-    cls_w = torch.tensor([1.0, 1.0, 2.0], device=dev)
+    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]), args.lesion_crops)
+    cls_w = torch.tensor([1.0, 1.0, args.lesion_weight], device=dev)
     model.train()
     t0 = time.time()
     ema = None
@@ -632,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         p_les, t_les = prob[:, 2], (y == 2).float()
         d_liv = 1 - (2 * (p_liv * t_liv).sum() + 1) / (p_liv.sum() + t_liv.sum() + 1)
         d_les = 1 - (2 * (p_les * t_les).sum() + 1) / (p_les.sum() + t_les.sum() + 1)
-        loss = ce + d_liv + 0.5 * d_les
+        loss = ce + d_liv + args.lesion_dice * d_les
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

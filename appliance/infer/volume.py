@@ -41,6 +41,8 @@ class Volume:
     #: Header of the first slice (no pixels): what results copy patient/study attributes from.
     reference: Dataset
     warnings: list[str] = field(default_factory=list)
+    #: Every slice's header (pixel data dropped), in the same order as ``hu``: results reference them.
+    headers: list[Dataset] = field(default_factory=list)
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -158,4 +160,5 @@ def load_volume(paths: Sequence[Path], progress: Callable[[int, int], None] | No
         study_uid=str(reference.get("StudyInstanceUID", "")),
         reference=reference,
         warnings=warnings,
+        headers=[h[2] for h in headers],
     )

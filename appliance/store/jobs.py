@@ -1,7 +1,9 @@
 """Jobs: one row per (series, model), moved through its states by the router and the worker.
 
-Series state follows its jobs: ``queued`` once routed (or ``no_model``), ``processing`` while a job
-runs, ``done`` when all are done, ``failed`` when any failed and none is left to run. A worker claims a
+Series state follows its jobs and their results' delivery: ``queued`` once routed (or ``no_model``),
+``processing`` while a job runs, ``exporting`` while results wait for their destinations, ``done`` when
+every job ran and every result was delivered, ``export_failed`` when some result could not be delivered
+(dead letters), ``failed`` when a job failed and none is left to run. A worker claims a
 job by bumping ``attempts`` and writing its pid in one transaction, so a job held by a worker that died
 is found (its pid is gone) and re-queued, until ``max_attempts`` says it is the job that kills workers.
 """
@@ -16,6 +18,51 @@ from typing import Any
 from appliance.store.index import Index
 
 QUEUED, PROCESSING, DONE, FAILED, NO_MODEL = "queued", "processing", "done", "failed", "no_model"
+EXPORTING, EXPORT_FAILED = "exporting", "export_failed"
+#: Series states that follow from jobs and outbox rows (a series receiving or complete again is left alone).
+SETTLED_STATES = (QUEUED, PROCESSING, EXPORTING, EXPORT_FAILED, DONE)
+
+
+@dataclass(frozen=True)
+class NewObject:
+    """A result object a job wrote, to be recorded with the job's outcome and sent to its destinations."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    result_series_uid: str
+    path: str  # relative to the data directory
+
+
+def settle_series(c: Any, series_uid: str, now: float) -> None:
+    """Series state from its jobs and outbox rows, unless the series is receiving again."""
+    states = [r[0] for r in c.execute("SELECT state FROM jobs WHERE series_uid = ?", (series_uid,))]
+    if PROCESSING in states:
+        return
+    if QUEUED in states:
+        new, reason = QUEUED, "waiting for the worker"
+    elif FAILED in states:
+        failed = c.execute("SELECT model, reason FROM jobs WHERE series_uid = ? AND state = 'failed'",
+                           (series_uid,)).fetchall()
+        new, reason = FAILED, "; ".join(f"{m}: {r}" for m, r in failed)
+    else:
+        counts = dict(c.execute("SELECT state, count(*) FROM outbox WHERE series_uid = ? GROUP BY state",
+                                (series_uid,)).fetchall())
+        if counts.get("pending"):
+            new, reason = EXPORTING, f"sending {counts['pending']} result object(s)"
+        elif counts.get("dead"):
+            last = c.execute("SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = 'dead'"
+                             " ORDER BY id DESC LIMIT 1", (series_uid,)).fetchone()
+            new, reason = EXPORT_FAILED, (f"{counts['dead']} result object(s) not delivered; "
+                                          f"{last[0]}: {last[1]} (appliance outbox retry)")
+        elif counts.get("sent"):
+            new, reason = DONE, f"all models ran; {counts['sent']} result object(s) delivered"
+        else:
+            new, reason = DONE, "all models ran (no destination configured)"
+    marks = ",".join("?" * len(SETTLED_STATES))
+    c.execute(f"UPDATE series SET state = ?, state_changed = ?, state_reason = ?"
+              f" WHERE series_uid = ? AND state IN ({marks}) AND (state <> ? OR state_reason <> ?)",
+              (new, now, reason, series_uid, *SETTLED_STATES, new, reason))
 
 
 @dataclass(frozen=True)
@@ -64,6 +111,9 @@ class JobQueue:
                     "  finished_at = NULL, worker_pid = NULL, reason = 'series changed: processing again'",
                     (series_uid, model, json.dumps(routes), json.dumps(dests), priority, now),
                 )
+            # Results of the series as it was before a late instance re-opened it are not sent any more.
+            c.execute("UPDATE outbox SET state = 'superseded', last_error = 'series changed; newer results replace"
+                      " these' WHERE series_uid = ? AND state IN ('pending', 'dead')", (series_uid,))
             if jobs:
                 reason = "routed to " + ", ".join(j[0] for j in jobs)
                 new_state = QUEUED
@@ -103,8 +153,12 @@ class JobQueue:
 
     def finish(self, job: Job, *, ok: bool, reason: str, backend: str | None = None, device: str | None = None,
                precision: str | None = None, timings: dict[str, float] | None = None,
-               result_dir: str | None = None) -> bool:
-        """Record the outcome; False when the job was re-queued meanwhile (its result is stale)."""
+               result_dir: str | None = None, objects: list[NewObject] | None = None) -> bool:
+        """Record the outcome; False when the job was re-queued meanwhile (its result is stale).
+
+        The job's result objects and their outbox rows (one per destination) are recorded in the same
+        transaction as ``done``: a crash before it leaves the job to run again, never half an outbox.
+        """
         now = time.time()
         with self.index.transaction() as c:
             cur = c.execute(
@@ -115,7 +169,16 @@ class JobQueue:
             )
             if cur.rowcount == 0:
                 return False
-            self._settle_series(c, job.series_uid, now)
+            for obj in objects or []:
+                oid = c.execute(
+                    "INSERT INTO result_objects(job_id, generation, series_uid, kind, sop_class_uid,"
+                    " sop_instance_uid, result_series_uid, path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, job.generation, job.series_uid, obj.kind, obj.sop_class_uid, obj.sop_instance_uid,
+                     obj.result_series_uid, obj.path, now)).lastrowid
+                for dest in job.destinations:
+                    c.execute("INSERT INTO outbox(object_id, series_uid, destination, state, next_attempt_at,"
+                              " created_at) VALUES (?, ?, ?, 'pending', ?, ?)", (oid, job.series_uid, dest, now, now))
+            settle_series(c, job.series_uid, now)
         return True
 
     def give_back(self, job: Job) -> None:
@@ -124,24 +187,7 @@ class JobQueue:
             c.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_pid = NULL,"
                       " reason = 'appliance stopped during the job' WHERE id = ? AND generation = ?"
                       " AND state = 'processing'", (job.id, job.generation))
-            self._settle_series(c, job.series_uid, time.time())
-
-    @staticmethod
-    def _settle_series(c: Any, series_uid: str, now: float) -> None:
-        """Series state from its jobs, unless the series is receiving again."""
-        states = [r[0] for r in c.execute("SELECT state FROM jobs WHERE series_uid = ?", (series_uid,))]
-        if PROCESSING in states:
-            return
-        if QUEUED in states:
-            new, reason = QUEUED, "waiting for the worker"
-        elif FAILED in states:
-            failed = c.execute("SELECT model, reason FROM jobs WHERE series_uid = ? AND state = 'failed'",
-                               (series_uid,)).fetchall()
-            new, reason = FAILED, "; ".join(f"{m}: {r}" for m, r in failed)
-        else:
-            new, reason = DONE, "all models ran"
-        c.execute("UPDATE series SET state = ?, state_changed = ?, state_reason = ?"
-                  " WHERE series_uid = ? AND state IN ('queued', 'processing')", (new, now, reason, series_uid))
+            settle_series(c, job.series_uid, time.time())
 
     def recover(self, live_pids: set[int], max_attempts: int) -> tuple[int, int]:
         """Jobs left ``processing`` by a worker that is gone: re-queue, or fail after ``max_attempts``."""
@@ -161,7 +207,7 @@ class JobQueue:
                     c.execute("UPDATE jobs SET state = 'queued', worker_pid = NULL, reason = ? WHERE id = ?",
                               (f"worker stopped during attempt {r['attempts']}; retrying", r["id"]))
                     requeued += 1
-                self._settle_series(c, r["series_uid"], now)
+                settle_series(c, r["series_uid"], now)
         return requeued, failed
 
     # -- reading --------------------------------------------------------------------------------------

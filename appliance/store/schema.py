@@ -129,6 +129,50 @@ MIGRATIONS: list[str] = [
         VALUES ((julianday('now') - 2440587.5) * 86400.0, NEW.id, OLD.state, NEW.state, NEW.reason);
     END;
     """,
+    # 3: results and export: the DICOM objects each job made, one outbox row per (object, destination),
+    # every send attempt; series states exporting / export_failed / purged.
+    """
+    CREATE TABLE result_objects (
+        id                INTEGER PRIMARY KEY,
+        job_id            INTEGER NOT NULL REFERENCES jobs(id),
+        generation        INTEGER NOT NULL,
+        series_uid        TEXT NOT NULL,          -- the source series
+        kind              TEXT NOT NULL,          -- SEG | SR | SC
+        sop_class_uid     TEXT NOT NULL,
+        sop_instance_uid  TEXT NOT NULL UNIQUE,
+        result_series_uid TEXT NOT NULL,
+        path              TEXT NOT NULL,          -- relative to the data directory
+        created_at        REAL NOT NULL
+    );
+    CREATE INDEX result_objects_series ON result_objects(series_uid);
+
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        object_id       INTEGER NOT NULL REFERENCES result_objects(id),
+        series_uid      TEXT NOT NULL,
+        destination     TEXT NOT NULL,            -- name from [[destinations]]
+        state           TEXT NOT NULL,            -- pending | sent | dead | superseded
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at      REAL NOT NULL,
+        sent_at         REAL,
+        last_status     TEXT,                     -- DICOM status of the last attempt, e.g. 0x0000
+        last_error      TEXT,
+        UNIQUE (object_id, destination)
+    );
+    CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
+    CREATE INDEX outbox_series ON outbox(series_uid);
+
+    CREATE TABLE outbox_attempts (
+        id         INTEGER PRIMARY KEY,
+        outbox_id  INTEGER NOT NULL,
+        at         REAL NOT NULL,
+        ok         INTEGER NOT NULL,
+        status     TEXT,
+        detail     TEXT
+    );
+    CREATE INDEX outbox_attempts_row ON outbox_attempts(outbox_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,167 @@
+"""The measurements as a Comprehensive 3D SR following TID 1500 (Measurement Report).
+
+PACS, reporting systems and registries read TID 1500 without knowing our JSON: every number in
+``summary.json`` that a radiologist would quote (segment volumes in ml, lesion count, each lesion's volume
+and longest axial diameter) appears here with its concept code and UCUM unit, tied to the SEG segment it
+was measured on and to the source series. Values are copied from the summary, never recomputed, so the
+panel, the SR and the JSON can never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from appliance.errors import ResultsError
+from appliance.infer.measure import LESION_CATEGORY
+from appliance.infer.volume import Volume
+from appliance.models.manifest import Label
+from appliance.models.package import ModelPackage
+from appliance.results import identity
+from appliance.results.seg import coded, conformant, source_headers
+
+#: UCUM units. pydicom's codes.UCUM has no millilitre.
+UNIT_ML = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+UNIT_MM = hd.sr.CodedConcept(value="mm", scheme_designator="UCUM", meaning="millimeter")
+UNIT_LESIONS = hd.sr.CodedConcept(value="{lesions}", scheme_designator="UCUM", meaning="lesions")
+#: SNOMED CT 246205007 "Quantity": the number of lesions.
+QUANTITY = hd.sr.CodedConcept(value="246205007", scheme_designator="SCT", meaning="Quantity")
+
+
+def _procedure(volume: Volume) -> hd.sr.CodedConcept:
+    """TID 1500's procedure reported: the LOINC "<modality> unspecified body region" code (CT by default)."""
+    modality = str(volume.reference.get("Modality", "CT")).upper()
+    name = {"CT": "CTUnspecifiedBodyRegion", "MR": "MRIUnspecifiedBodyRegion", "PT": "PETUnspecifiedBodyRegion",
+            "NM": "NMUnspecifiedBodyRegion"}.get(modality, "CTUnspecifiedBodyRegion")
+    return getattr(codes.LN, name)
+
+
+def _observer(package: ModelPackage) -> hd.sr.ObservationContext:
+    """The observer is this device (not a person): our manufacturer, model and serial, running the model."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=identity.device_uid(),
+        name=identity.lo(f"{package.name} {package.version}"),
+        manufacturer_name=identity.MANUFACTURER,
+        model_name=identity.MANUFACTURER_MODEL_NAME,
+        serial_number=identity.device_serial(),
+    )
+    return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+
+
+def _sites(lab: Label) -> list[hd.sr.FindingSite] | None:
+    return [hd.sr.FindingSite(anatomic_location=coded(lab.region))] if lab.region is not None else None
+
+
+def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
+            package: ModelPackage) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report of ``summary`` (from ``measure``) whose ROIs are the segments of ``seg``."""
+    labels = package.labels
+    segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    if sorted(segments) != list(range(1, len(labels) + 1)):
+        raise ResultsError(f"cannot make the SR: the SEG has segments {sorted(segments)} but model {package.name} "
+                           f"has {len(labels)} labels")
+    number_of = {lab.value: n for n, lab in enumerate(labels, start=1)}
+    by_value = {lab.value: lab for lab in labels}
+    try:
+        label_ml = {int(d["value"]): float(d["volume_ml"]) for d in summary["labels"]}
+        lesion_items = list(summary["lesions"]["items"])
+        organs = list(summary.get("organs", []))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResultsError(f"cannot make the SR: the measurement summary is incomplete ({exc!r})") from None
+    algorithm = hd.sr.AlgorithmIdentification(name=identity.lo(package.name), version=identity.lo(package.version))
+    source_series = hd.sr.SourceSeriesForSegmentation(volume.series_uid)
+
+    def segment_ref(value: int) -> hd.sr.ReferencedSegment:
+        # Built directly: ReferencedSegment.from_segmentation() fails on single-segment and empty segments.
+        return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                       segment_number=number_of[value], source_series=source_series)
+
+    # The algorithm is named once per measurement group (TID 1411/1501), not again on every measurement.
+    def volume_ml(value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=codes.SCT.Volume, value=value, unit=UNIT_ML)
+
+    groups: list[Any] = []
+    for lab in labels:
+        if lab.value not in label_ml:
+            raise ResultsError(f"cannot make the SR: the measurement summary has no volume for label "
+                               f"{lab.value} ({lab.name})")
+        measurements = [volume_ml(label_ml[lab.value])]
+        if lab.category.code == LESION_CATEGORY:
+            count = sum(1 for d in lesion_items if int(d["label"]) == lab.value)
+            measurements.append(hd.sr.Measurement(name=QUANTITY, value=count, unit=UNIT_LESIONS))
+        item = segments[number_of[lab.value]]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=identity.lo(lab.name)),
+            referenced_segment=segment_ref(lab.value),
+            finding_type=coded(lab.type),
+            finding_category=coded(lab.category),
+            finding_sites=_sites(lab),
+            algorithm_id=algorithm,
+            measurements=measurements,
+        ))
+
+    # An organ's volume with the lesions inside it (what a clinician calls the liver volume) is no single
+    # segment: it is reported as a measurement group of the organ without an image region.
+    for organ in organs:
+        parts = [int(v) for v in organ.get("labels", [])]
+        if len(parts) < 2 or parts[0] not in by_value:
+            continue
+        lab = by_value[parts[0]]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(),
+                                                         identifier=identity.lo(f"{organ['name']} including lesions")),
+            finding_type=coded(lab.type),
+            finding_category=coded(lab.category),
+            algorithm_id=algorithm,
+            measurements=[volume_ml(float(organ["volume_ml"]))],
+        ))
+
+    for d in lesion_items:
+        lab = by_value.get(int(d["label"]))
+        if lab is None:
+            raise ResultsError(f"cannot make the SR: lesion {d.get('index')} has label {d['label']}, "
+                               f"which model {package.name} does not define")
+        diameter = hd.sr.Measurement(
+            name=codes.SCT.LongAxis, value=float(d["longest_axial_diameter_mm"]), unit=UNIT_MM,
+            referenced_images=[hd.sr.SourceImageForMeasurement(
+                referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
+                referenced_sop_instance_uid=str(d["slice_sop_instance_uid"]))],
+        )
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {int(d['index'])}"),
+            referenced_segment=segment_ref(lab.value),
+            finding_type=coded(lab.type),
+            finding_category=coded(lab.category),
+            finding_sites=_sites(lab),
+            algorithm_id=algorithm,
+            measurements=[volume_ml(float(d["volume_ml"])), diameter],
+        ))
+
+    try:
+        report = hd.sr.MeasurementReport(
+            observation_context=_observer(package),
+            procedure_reported=_procedure(volume),
+            imaging_measurements=groups,
+            title=codes.DCM.ImagingMeasurementReport,
+        )
+        return hd.sr.Comprehensive3DSR(
+            evidence=[seg, *source_headers(volume)],
+            content=report,
+            series_instance_uid=identity.new_uid(),
+            series_number=identity.SR_SERIES_NUMBER,
+            sop_instance_uid=identity.new_uid(),
+            instance_number=1,
+            manufacturer=identity.MANUFACTURER,
+            manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
+            software_versions=identity.SOFTWARE_VERSION,
+            device_serial_number=identity.device_serial(),
+            series_description=identity.lo(f"AI measurements {package.name} {package.version}"),
+            is_complete=True,
+            is_final=False,  # an AI result awaiting a radiologist's review
+            is_verified=False,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ResultsError(f"cannot make the measurement report (SR) for series {volume.series_uid}: {exc}") from exc
