@@ -11,7 +11,7 @@ from typing import Any
 
 from appliance import __version__, logs
 from appliance.config import DEFAULT_CONFIG_NAME, Config, load_config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ResultsError
 
 log = logging.getLogger("appliance")
 
@@ -193,7 +193,14 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     result = run_series(files, pkg, backend, progress if not args.quiet else None)
     out = Path(args.out)
     write_outputs(result, out)
-    made = [] if args.no_dicom else build_results(result, pkg, out)
+    made = []
+    if not args.no_dicom:
+        try:
+            made = build_results(result, pkg, out)
+        except ResultsError as exc:
+            # The label map and summary stand on their own; a source the DICOM objects cannot reference
+            # (e.g. an anonymiser blanked its UIDs) must not hide them.
+            print(f"appliance infer: warning: DICOM results not written: {exc}", file=sys.stderr)
     s = result.summary
     organs = ", ".join(f"{o['name']} {o['volume_ml']:.1f} mL" for o in s["organs"])
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])

@@ -47,6 +47,25 @@ def test_real_multislice_ct_from_pydicom(tmp_path: Path) -> None:
     assert [str(u) for u in lm["sop_instance_uids"]] == [str(d.SOPInstanceUID) for d in by_z]
     assert lm["labels"].shape == (len(headers), int(headers[0].Rows), int(headers[0].Columns))
     assert summary["series"]["slices"] == len(headers)
+    # The DICOM results a PACS would get, referencing this real series.
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"seg.dcm", "sr.dcm", "sc-1.dcm", "key.png", "thumb.png", "objects.json"}
+    seg = pydicom.dcmread(out / "seg.dcm", stop_before_pixels=True)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == headers[0].StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == headers[0].SeriesInstanceUID
+
+
+def test_real_ct_with_blank_uids_still_gives_the_label_map(tmp_path: Path) -> None:
+    """The shared real CT was anonymised with its UIDs blanked: no SEG can reference it, so `infer` says so
+    and still writes the label map and summary."""
+    if not REAL_CT.is_dir():
+        pytest.skip(f"the shared real CT is not at {REAL_CT}")
+    r = subprocess.run([appliance_exe(), "infer", "--model", "liver-ct-demo", "--backend", "onnxruntime",
+                        "--out", str(tmp_path / "out"), "--quiet", str(REAL_CT / "dicom")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DICOM results not written" in r.stderr and "StudyInstanceUID" in r.stderr
+    assert (tmp_path / "out" / "labelmap.npz").exists() and not (tmp_path / "out" / "seg.dcm").exists()
 
 
 @pytest.mark.slow
