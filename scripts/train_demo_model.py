@@ -442,9 +442,10 @@ elements, ribs and costal cartilage, paraspinal and abdominal wall muscles, subc
 arterial phases with HU drawn per patient; fields of view 350-500 mm (full) and 180-260 mm (targeted liver
 reconstructions), 512 matrix (0.35-1.0 mm pixels), slices 0.625-5 mm with partial volume, PSF blur, correlated
 noise 10-45 HU. Each phantom was passed through the serving pre-processing; training used random
-{info['crop']} x {info['crop']} crops with small intensity jitter.
+{info['crop']} x {info['crop']} crops with small intensity jitter, {info['lesion_crops']:.0%} of them centred on a lesion pixel.
 Training: {info['steps']} steps of batch {info['batch']}, AdamW, cosine learning rate from {info['lr']}, loss cross-entropy
-+ soft Dice; PyTorch CPU, deterministic, seed {info['seed']}, {info['train_minutes']:.0f} min.
+(lesion class weight {info['lesion_weight']:g}) + soft Dice of the liver + {info['lesion_dice']:g} x soft Dice of the lesions;
+PyTorch CPU, deterministic, seed {info['seed']}, {info['train_minutes']:.0f} min.
 
 ## Results
 Held-out phantoms (seeds from {HELDOUT_SEED0}, never trained on; {info['heldout_slices']} slices each; global Dice
@@ -548,6 +549,22 @@ ort_cpu_300_slices_176px_s = {info['onnx']['ort_300_slices_176_s']:.2f}
 # ------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------
+
+
+def _weight_args(argv: list[str]) -> list[str]:
+    """The command line minus options that cannot change the weights (where to write, the phantom cache)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--cache", "--workers"):
+            skip = True
+            continue
+        if a.startswith(("--out=", "--cache=", "--workers=")):
+            continue
+        out.append(a)
+    return out
 
 
 def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -693,10 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     real = None if args.no_real else evaluate_real(run)
     if real:
         log(f"real CT: liver Dice {real['liver_dice']:.4f} (label 1 only {real['liver_label1_dice']:.4f})")
-    cmd = "python scripts/train_demo_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python scripts/train_demo_model.py " + " ".join(_weight_args(argv if argv is not None else sys.argv[1:]))
     info = dict(heldout=ho, real=real, onnx=onx, params=n_params, n_train=args.train_phantoms,
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,
                 train_minutes=train_minutes, command=cmd.strip().replace('"', "'"))
     write_card(out, info)
     write_manifest(out, info)

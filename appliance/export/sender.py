@@ -52,6 +52,8 @@ class Sender:
         self.destinations = {d.name: d for d in config.destinations}
         self.outbox = Outbox(store.index)
         self.data_dir = Path(store.data_dir)
+        #: Set when the appliance stops: an association in progress ends after its current C-STORE.
+        self.stopping = threading.Event()
 
     def tick(self) -> int:
         """One pass over due rows; the number of objects delivered."""
@@ -106,6 +108,8 @@ class Sender:
         sent = 0
         try:
             for i, (row, ds) in enumerate(datasets):
+                if self.stopping.is_set():
+                    break  # the rest stay pending, due now: sent after the restart
                 try:
                     rsp = assoc.send_c_store(ds)
                 except (ValueError, RuntimeError) as exc:  # e.g. no accepted context for this SOP class
@@ -131,6 +135,7 @@ class Sender:
         return sent
 
     def run(self, stop: threading.Event) -> None:
+        self.stopping = stop
         while not stop.is_set():
             try:
                 self.tick()
