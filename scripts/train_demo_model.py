@@ -594,7 +594,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="package folder (default models/liver-ct-demo; with --quick a new temporary folder)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and crop sampling (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 3600; 30 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 900; 30 with --quick)")
     p.add_argument("--batch", type=int, default=16, help="crops per step (default 16)")
     p.add_argument("--crop", type=int, default=128, help="crop size in model-grid pixels (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
@@ -618,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-real", action="store_true", help="skip the real-CT evaluation")
     a = p.parse_args(argv)
     q = a.quick
-    a.steps = a.steps if a.steps is not None else (30 if q else 3600)
+    a.steps = a.steps if a.steps is not None else (30 if q else 900)
     a.train_phantoms = a.train_phantoms if a.train_phantoms is not None else (4 if q else 160)
     a.train_slices = a.train_slices if a.train_slices is not None else (8 if q else 16)
     a.heldout_phantoms = a.heldout_phantoms if a.heldout_phantoms is not None else (2 if q else 12)
