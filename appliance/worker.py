@@ -43,6 +43,28 @@ class Worker:
         self._opened: dict[str, tuple[ModelPackage, Backend]] = {}
         #: True while a job runs: only then does SIGTERM interrupt (and give the job back).
         self.busy = False
+        self._last_disk_warning = 0.0
+
+    def disk_too_low(self) -> bool:
+        """True while the data disk is under half the ingest reserve: jobs then wait instead of failing.
+
+        Ingest stops accepting at ``storage.min_free_bytes``, so the lower half of that reserve is what is kept
+        for results. A job that ran out of disk would fail for good; waiting lets retention or an admin free
+        space, and the queued work (whose scans are safe in the spool) resumes by itself.
+        """
+        reserve = self.config.storage.min_free_bytes // 2
+        if reserve <= 0:
+            return False
+        free = self.store.spool.free_bytes()
+        if free >= reserve:
+            return False
+        now = time.monotonic()
+        if now - self._last_disk_warning >= 60.0 or self._last_disk_warning == 0.0:
+            self._last_disk_warning = now
+            log.warning("data disk %s has %d MB free, under half the reserve (%d MB): queued jobs wait until space "
+                        "is freed (delivered series are purged after storage.retention_days)",
+                        self.store.data_dir, free // 1_000_000, self.config.storage.min_free_bytes // 1_000_000)
+        return True
 
     def backend_for(self, model: str) -> tuple[ModelPackage, Backend]:
         if model not in self._opened:
@@ -95,6 +117,9 @@ class Worker:
     def run(self, stop: threading.Event, poll_seconds: float) -> None:
         pid = os.getpid()
         while not stop.is_set():
+            if self.disk_too_low():
+                stop.wait(max(poll_seconds, 5.0))
+                continue
             job = self.jobs.claim(pid)
             if job is None:
                 stop.wait(poll_seconds)

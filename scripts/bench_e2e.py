@@ -69,12 +69,10 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -100,7 +98,7 @@ from bench_ingest import (
     BenchError,
     Children,
     Receiver,
-    _raise_interrupt,
+    bench_main,
     ct_slice,
     find_dcmtk,
     find_orthanc,
@@ -748,33 +746,7 @@ def run(args: argparse.Namespace, children: Procs, work: Path) -> tuple[int, lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, _raise_interrupt)
-    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    children = Procs()
-    lines: list[str] = []
-    try:
-        code, lines = run(args, children, work)
-        return code
-    except BenchError as exc:
-        print(f"bench_e2e: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench_e2e: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if children.running():
-            progress("stopping the appliance and the peers")
-        children.stop_all()
-        if args.keep:
-            progress(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        for line in lines:
-            print(line)
+    return bench_main("bench_e2e", parse_args(argv), Procs(), run, "stopping the appliance and the peers")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -658,29 +658,31 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
     return (1 if failed or mismatch else 0), out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # SIGTERM/SIGHUP become KeyboardInterrupt so the finally below still stops every child
-    # (a SIGHUP ignored on purpose, as under nohup, stays ignored).
+def bench_main(name: str, args: argparse.Namespace, children: Children,
+               run_fn: Callable[[argparse.Namespace, Any, Path], tuple[int, list[str]]], stopping: str) -> int:
+    """Run ``run_fn`` in a scratch folder, always stop every child, then print the result lines last.
+
+    Shared by the benchmarks: SIGTERM/SIGHUP become KeyboardInterrupt so the clean-up below still stops
+    every child (a SIGHUP ignored on purpose, as under nohup, stays ignored).
+    """
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _raise_interrupt)
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    children = Children()
+    work = Path(tempfile.mkdtemp(prefix=f"{name.replace('_', '-')}-"))
     lines: list[str] = []
     try:
-        code, lines = run(args, children, work)
+        code, lines = run_fn(args, children, work)
         return code
     except BenchError as exc:
-        print(f"bench_ingest: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bench_ingest: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         if children.running():
-            progress("stopping receivers (the appliance drains first; this can take a few seconds)")
+            progress(stopping)
         children.stop_all()
         if args.keep:
             progress(f"kept {work}")
@@ -688,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         for line in lines:
             print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("bench_ingest", parse_args(argv), Children(), run,
+                      "stopping receivers (the appliance drains first; this can take a few seconds)")
 
 
 if __name__ == "__main__":

@@ -426,7 +426,7 @@ connected component of liver and lesion together.
 - ONNX opset 17; input `image` float32 (N, 3, H, W), output `logits` float32 (N, 3, H, W); N, H, W dynamic.
 
 ## Architecture
-U-Net, 5 levels (widths {', '.join(map(str, WIDTHS))}), two 3x3 conv + BatchNorm + ReLU per level, 2x2 max-pool
+U-Net, 5 levels (widths {', '.join(map(str, info['widths']))}), two 3x3 conv + BatchNorm + ReLU per level, 2x2 max-pool
 down, 2x2 transposed convolution up, concatenated skips, 1x1 head; BatchNorm folded into the convolutions for
 export. {info['params']:,} parameters; model.onnx {onx['size_bytes'] / 1e6:.2f} MB.
 onnxruntime CPU (2 intra-op threads, all graph optimisations), 300 slices at 176 x 176 (a ~350 mm field of
@@ -597,6 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps (default 3600; 30 with --quick)")
     p.add_argument("--batch", type=int, default=16, help="crops per step (default 16)")
     p.add_argument("--crop", type=int, default=128, help="crop size in model-grid pixels (default 128)")
+    p.add_argument("--width", type=int, default=8,
+                   help="channels of the first U-Net level, doubling per level (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--train-phantoms", type=int, default=None, help="training phantoms (default 160; 4 with --quick)")
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
@@ -655,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data ready in {time.time() - t_start:.0f}s: {sum(c['prep'].shape[0] for c in train)} training slices")
 
     # Model and optimiser.
-    model = build_model().to(dev).to(memory_format=torch.channels_last)  # faster oneDNN convolutions
+    widths = tuple(args.width * 2**i for i in range(5))
+    model = build_model(widths).to(dev).to(memory_format=torch.channels_last)  # faster oneDNN convolutions
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warm = max(1, min(100, args.steps // 10))
@@ -713,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if real:
         log(f"real CT: liver Dice {real['liver_dice']:.4f} (label 1 only {real['liver_label1_dice']:.4f})")
     cmd = "python scripts/train_demo_model.py " + " ".join(_weight_args(argv if argv is not None else sys.argv[1:]))
-    info = dict(heldout=ho, real=real, onnx=onx, params=n_params, n_train=args.train_phantoms,
+    info = dict(heldout=ho, real=real, onnx=onx, params=n_params, widths=widths, n_train=args.train_phantoms,
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,

@@ -113,14 +113,30 @@ def test_series_results_reach_orthanc(appliance_factory: Any, tmp_path: Path, or
     assert [(r["state"], r["attempts"], r["last_status"]) for r in sent] == [("sent", 1, "0x0000")] * 3
 
 
-def test_pacs_down_then_up_delivers_everything_once(appliance_factory: Any, tmp_path: Path) -> None:
-    pacs = StoreSCP(tmp_path / "pacs")  # not started: the PACS is down when results are ready
+def results_waiting_for_pacs(appliance_factory: Any, tmp_path: Path) -> tuple[StoreSCP, Any, str]:
+    """A series processed while its PACS (a storescp, not started) is down: its results wait in the outbox."""
+    pacs = StoreSCP(tmp_path / "pacs")
     app = make(appliance_factory, tmp_path, {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port},
                max_attempts=1000)
     folder, _ = ct_series(tmp_path)
     send(app, folder)
     uid = series_uid_of(folder)
     wait_series(app, uid, {"exporting"}, within=60)
+    return pacs, app, uid
+
+
+def delivered_once(app: Any, pacs: StoreSCP, uid: str) -> None:
+    """The series ends ``done`` and the PACS got each result object exactly once."""
+    s = wait_series(app, uid, {"done", "export_failed"}, within=30)
+    assert s["state"] == "done", s
+    time.sleep(1.0)  # anything sent twice would arrive now
+    got = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()}
+    assert got == set(objects_of(app, uid))
+    assert pacs.received_requests() == 3, "an object was sent more than once"
+
+
+def test_pacs_down_then_up_delivers_everything_once(appliance_factory: Any, tmp_path: Path) -> None:
+    pacs, app, uid = results_waiting_for_pacs(appliance_factory, tmp_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         rows = app.query("SELECT attempts, last_error FROM outbox WHERE series_uid = ?", (uid,))
@@ -134,34 +150,18 @@ def test_pacs_down_then_up_delivers_everything_once(appliance_factory: Any, tmp_
 
     pacs.start()
     try:
-        s = wait_series(app, uid, {"done", "export_failed"}, within=30)
-        assert s["state"] == "done", s
-        time.sleep(1.0)  # anything sent twice would arrive now
-        got = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()}
-        assert got == set(objects_of(app, uid))
-        assert pacs.received_requests() == 3, "an object was sent more than once"
+        delivered_once(app, pacs, uid)
     finally:
         pacs.stop()
 
 
 def test_appliance_killed_with_results_unsent_delivers_after_restart(appliance_factory: Any, tmp_path: Path) -> None:
-    pacs = StoreSCP(tmp_path / "pacs")
-    app = make(appliance_factory, tmp_path, {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port},
-               max_attempts=1000)
-    folder, _ = ct_series(tmp_path)
-    send(app, folder)
-    uid = series_uid_of(folder)
-    wait_series(app, uid, {"exporting"}, within=60)
+    pacs, app, uid = results_waiting_for_pacs(appliance_factory, tmp_path)
     app.kill()  # SIGKILL to the whole process group: a power cut with three results in the outbox
     pacs.start()
     try:
         app.start()
-        s = wait_series(app, uid, {"done", "export_failed"}, within=30)
-        assert s["state"] == "done", s
-        time.sleep(1.0)
-        got = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in pacs.files()}
-        assert got == set(objects_of(app, uid))
-        assert pacs.received_requests() == 3
+        delivered_once(app, pacs, uid)
         jobs = app.query("SELECT state, attempts FROM jobs WHERE series_uid = ?", (uid,))
         assert [(j["state"], j["attempts"]) for j in jobs] == [("done", 1)]  # the model did not run again
     finally:

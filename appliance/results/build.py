@@ -24,7 +24,7 @@ from appliance.infer.pipeline import SeriesResult
 from appliance.models.package import ModelPackage
 from appliance.results.keyimage import make_sc, render_key_image
 from appliance.results.preview import write_previews
-from appliance.results.seg import make_seg
+from appliance.results.seg import make_seg, source_headers
 from appliance.results.sr import make_sr
 from appliance.store.spool import fsync_dir, write_atomic
 
@@ -75,10 +75,11 @@ def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) ->
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    seg = make_seg(volume, labels, package)
+    sources = source_headers(volume)  # made once: SEG and SR reference the same slices
+    seg = make_seg(volume, labels, package, sources)
     timings["seg"] = time.perf_counter() - t
     t = time.perf_counter()
-    sr = make_sr(volume, summary, seg, package)
+    sr = make_sr(volume, summary, seg, package, sources)
     timings["sr"] = time.perf_counter() - t
     t = time.perf_counter()
     key = render_key_image(volume, labels, package, summary)

@@ -41,6 +41,16 @@ def device_uid() -> str:
     return generate_uid(entropy_srcs=[MANUFACTURER, MANUFACTURER_MODEL_NAME, device_serial()])
 
 
+def new_object(series_number: int) -> dict[str, object]:
+    """The keyword arguments every highdicom result constructor takes for a new object from this device.
+
+    One place for them, so SEG, SR and SC can never disagree on who made them.
+    """
+    return dict(series_instance_uid=new_uid(), series_number=series_number, sop_instance_uid=new_uid(),
+                instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+                software_versions=SOFTWARE_VERSION, device_serial_number=device_serial())
+
+
 def new_uid() -> str:
     """A fresh, globally unique UID for a new series, instance or tracking identifier."""
     return generate_uid()

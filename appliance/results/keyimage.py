@@ -222,17 +222,10 @@ def make_sc(volume: Volume, labels: np.ndarray, key: KeyImage, package: ModelPac
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
-            series_instance_uid=identity.new_uid(),
-            series_number=identity.SC_SERIES_NUMBER,
-            sop_instance_uid=identity.new_uid(),
-            instance_number=1,
-            manufacturer=identity.MANUFACTURER,
+            **identity.new_object(identity.SC_SERIES_NUMBER),
             pixel_spacing=tuple(float(v) for v in volume.pixel_spacing),
             patient_orientation=patient_orientation(volume.orientation),
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
-            software_versions=identity.SOFTWARE_VERSION,
-            device_serial_number=identity.device_serial(),
             series_description=identity.lo(f"AI key image {package.name} {package.version}"),
         )
     except (ValueError, TypeError, AttributeError) as exc:

@@ -104,8 +104,12 @@ def segment_map(labels: np.ndarray, package: ModelPackage) -> np.ndarray:
     return lut[labels]
 
 
-def make_seg(volume: Volume, labels: np.ndarray, package: ModelPackage) -> hd.seg.Segmentation:
-    """A BINARY SEG of ``labels`` (slices in ``volume.headers`` order) with one segment per manifest label."""
+def make_seg(volume: Volume, labels: np.ndarray, package: ModelPackage,
+             sources: list[Dataset] | None = None) -> hd.seg.Segmentation:
+    """A BINARY SEG of ``labels`` (slices in ``volume.headers`` order) with one segment per manifest label.
+
+    ``sources`` is ``source_headers(volume)`` when the caller already made it (the SR needs the same list).
+    """
     check_source(volume, labels, "segmentation (SEG)")
     missing = [i for i, h in enumerate(volume.headers) if not h.get("FrameOfReferenceUID")]
     if missing:
@@ -128,18 +132,11 @@ def make_seg(volume: Volume, labels: np.ndarray, package: ModelPackage) -> hd.se
         ))
     try:
         seg = hd.seg.Segmentation(
-            source_images=source_headers(volume),
+            source_images=sources if sources is not None else source_headers(volume),
             pixel_array=segment_map(labels, package),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=identity.new_uid(),
-            series_number=identity.SEG_SERIES_NUMBER,
-            sop_instance_uid=identity.new_uid(),
-            instance_number=1,
-            manufacturer=identity.MANUFACTURER,
-            manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
-            software_versions=identity.SOFTWARE_VERSION,
-            device_serial_number=identity.device_serial(),
+            **identity.new_object(identity.SEG_SERIES_NUMBER),
             content_label="AI_SEGMENTATION",
             content_description=identity.lo(f"AI {package.name} {package.version}, not for diagnosis"),
             series_description=identity.lo(f"AI SEG {package.name} {package.version}"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from appliance.errors import ResultsError
@@ -56,8 +57,11 @@ def _sites(lab: Label) -> list[hd.sr.FindingSite] | None:
 
 
 def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
-            package: ModelPackage) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report of ``summary`` (from ``measure``) whose ROIs are the segments of ``seg``."""
+            package: ModelPackage, sources: list[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report of ``summary`` (from ``measure``) whose ROIs are the segments of ``seg``.
+
+    ``sources`` is ``source_headers(volume)`` when the caller already made it for the SEG.
+    """
     labels = package.labels
     segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
     if sorted(segments) != list(range(1, len(labels) + 1)):
@@ -148,16 +152,9 @@ def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
             title=codes.DCM.ImagingMeasurementReport,
         )
         return hd.sr.Comprehensive3DSR(
-            evidence=[seg, *source_headers(volume)],
+            evidence=[seg, *(sources if sources is not None else source_headers(volume))],
             content=report,
-            series_instance_uid=identity.new_uid(),
-            series_number=identity.SR_SERIES_NUMBER,
-            sop_instance_uid=identity.new_uid(),
-            instance_number=1,
-            manufacturer=identity.MANUFACTURER,
-            manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
-            software_versions=identity.SOFTWARE_VERSION,
-            device_serial_number=identity.device_serial(),
+            **identity.new_object(identity.SR_SERIES_NUMBER),
             series_description=identity.lo(f"AI measurements {package.name} {package.version}"),
             is_complete=True,
             is_final=False,  # an AI result awaiting a radiologist's review
