@@ -190,11 +190,13 @@ def _progress(what: str, i: int, n: int, t0: float) -> None:
 class CropSampler:
     """Random training crops of model-grid slices with their slice context, mostly through the liver."""
 
-    def __init__(self, cases: list[dict], crop: int, rng: np.random.Generator, lesion_frac: float = 0.0) -> None:
+    def __init__(self, cases: list[dict], crop: int, rng: np.random.Generator, lesion_frac: float = 0.0,
+                 shading_hu: float = 0.0) -> None:
         self.cases = cases
         self.crop = crop
         self.rng = rng
         self.lesion_frac = lesion_frac
+        self.shading_hu = shading_hu
         self.index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0])]
         self.liver_index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0]) if (c["lab"][k] > 0).any()]
         # Lesion pixels are ~1% of liver crops; without crops centred on them the lesion class is starved.
@@ -236,7 +238,30 @@ class CropSampler:
         gain = self.rng.uniform(0.95, 1.05, size=(n, 1, 1, 1)).astype(np.float32)
         inside = x > -1.0
         x = np.where(inside, np.clip(x * gain + shift, -1.0, 1.0), x)
+        if self.shading_hu > 0:
+            x = self._shade(x)
         return x, y
+
+    def _shade(self, x: np.ndarray) -> np.ndarray:
+        """Smooth low-frequency HU offsets on half the crops, like beam-hardening and cupping shading.
+
+        Real CT has them (the shared real series has a ~22 HU darker posterior liver); without them the model
+        learns that any darker region of liver is a lesion. Features are ~60 mm and larger, edgeless, so
+        lesions (which have edges) stay distinguishable.
+        """
+        from scipy.ndimage import zoom
+
+        n, _, cs, _ = x.shape
+        amp = self.shading_hu / ((SPEC.window[1] - SPEC.window[0]) / 2.0)  # HU -> window units
+        for b in range(n):
+            if self.rng.random() >= 0.5:
+                continue
+            coarse = self.rng.uniform(-1.0, 1.0, size=(4, 4)).astype(np.float32)
+            field = zoom(coarse, cs / 4.0, order=3)[:cs, :cs]
+            field *= amp * float(self.rng.uniform(0.3, 1.0)) / max(float(np.abs(field).max()), 1e-6)
+            tissue = x[b] > -0.95  # soft tissue and fat, not air or padding
+            x[b] = np.where(tissue, np.clip(x[b] + field[None], -1.0, 1.0), x[b])
+        return x
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -612,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cross-entropy weight of the lesion class (default 3)")
     p.add_argument("--lesion-dice", type=float, default=1.0,
                    help="weight of the lesion soft-Dice term in the loss (default 1)")
+    p.add_argument("--shading", type=float, default=0.0,
+                   help="peak HU of smooth shading added to half the crops (default 0: none)")
     p.add_argument("--cache", type=Path, default=None,
                    help="pickle of the rendered phantoms: read if present, else written (re-runs skip rendering)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering phantoms (default 2)")
@@ -669,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         t = (step - warm) / max(1, args.steps - warm)
         return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]), args.lesion_crops)
+    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]), args.lesion_crops, args.shading)
     cls_w = torch.tensor([1.0, 1.0, args.lesion_weight], device=dev)
     model.train()
     t0 = time.time()
@@ -720,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,
+                shading=args.shading,
                 train_minutes=train_minutes, command=cmd.strip().replace('"', "'"))
     write_card(out, info)
     write_manifest(out, info)
