@@ -1,0 +1,48 @@
+"""The training script's shading augmentation: bounded, smooth, tissue only, labels untouched.
+
+Why it matters: real CT has low-frequency shading (beam hardening, cupping) that the phantoms lack; the
+model must not learn that any darker patch of liver is a lesion, and the augmentation must not add edges
+that look like one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shading_is_bounded_smooth_and_only_on_tissue() -> None:
+    T = _train_module()
+    prep = np.full((3, 160, 160), -1.0, np.float16)  # air
+    prep[:, 20:140, 20:140] = 0.2  # uniform soft tissue (~110 HU)
+    lab = np.zeros((3, 160, 160), np.uint8)
+    lab[:, 40:120, 40:120] = 1
+    lab[:, 70:80, 70:80] = 2
+    cases = [dict(prep=prep, lab=lab)]
+    x, y = T.CropSampler(cases, 128, np.random.default_rng(5), 0.3, 0.0).batch(32)
+    xs, ys = T.CropSampler(cases, 128, np.random.default_rng(5), 0.3, 30.0).batch(32)
+    assert np.array_equal(y, ys)  # same crops, same labels: only intensities change
+    hu_per_unit = (T.SPEC.window[1] - T.SPEC.window[0]) / 2.0
+    diff = (xs - x) * hu_per_unit
+    assert np.abs(diff).max() <= 30.0 + 1e-3
+    shaded = [b for b in range(32) if np.abs(diff[b]).max() > 1.0]
+    assert 6 <= len(shaded) <= 26, len(shaded)  # about half the crops
+    tissue = x > -0.95
+    assert np.all(diff[~tissue] == 0.0)  # air and padding untouched
+    # Smooth: neighbouring tissue pixels differ by far less than a lesion edge (>= 10 HU).
+    for b in shaded:
+        d, t = diff[b, 0], tissue[b, 0]
+        both = t[:, 1:] & t[:, :-1]
+        assert np.abs(np.diff(d, axis=1))[both].max() < 3.0
