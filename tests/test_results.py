@@ -367,13 +367,18 @@ def test_caption_names_model_and_lesions(package: ModelPackage, volume: Volume) 
                for line in lines)
 
 
+def without(volume: Volume, keyword: str) -> Volume:
+    """``volume`` with ``keyword`` deleted from (copies of) every slice header."""
+    headers = [copy.deepcopy(h) for h in volume.headers]
+    for h in headers:
+        delattr(h, keyword)
+    return dataclasses.replace(volume, headers=headers)
+
+
 def test_key_image_of_a_series_without_body_part_is_valid(volume: Volume, package: ModelPackage,
                                                           tmp_path: Path) -> None:
     """Without BodyPartExamined, dciodvfy asks for Laterality (Type 2C): it is sent empty."""
-    headers = [copy.deepcopy(h) for h in volume.headers]
-    for h in headers:
-        del h.BodyPartExamined
-    bare = dataclasses.replace(volume, headers=headers)
+    bare = without(volume, "BodyPartExamined")
     labels = label_map("lesions")
     key = keyimage.render_key_image(bare, labels, package, summarise(bare, labels, package))
     sc = keyimage.make_sc(bare, labels, key, package)
@@ -452,10 +457,7 @@ def test_results_are_new_every_time(volume: Volume, package: ModelPackage, tmp_p
 
 def test_series_without_frame_of_reference_is_refused(volume: Volume, package: ModelPackage,
                                                       tmp_path: Path) -> None:
-    headers = [copy.deepcopy(h) for h in volume.headers]
-    for h in headers:
-        del h.FrameOfReferenceUID
-    bad = dataclasses.replace(volume, headers=headers)
+    bad = without(volume, "FrameOfReferenceUID")
     labels = label_map("lesions")
     result = SeriesResult(labels=labels, volume=bad, summary=summarise(bad, labels, package))
     with pytest.raises(ResultsError, match="FrameOfReferenceUID.*SEG cannot reference it"):
