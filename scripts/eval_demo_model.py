@@ -10,6 +10,11 @@ takes the argmax and the largest 3D component, and reports
     the honest measure of how the synthetic training transfers to real anatomy).
 
 Liver Dice counts labels 1 and 2 together as the organ (a lesion is part of the liver).
+
+Global lesion Dice is dominated by the few largest lesions of a set, so the script also reports detection per
+lesion (a reference lesion, one 3D connected component, is found when any predicted lesion voxel overlaps
+it), by equivalent-sphere diameter, and predicted lesion components that touch no reference lesion (false
+positives). ``--package`` may be given more than once: every package sees the same rendered phantoms.
 """
 
 from __future__ import annotations
@@ -68,30 +73,67 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int((a & b).sum()) / s if s else float("nan")
 
 
-def eval_phantoms(sess, spec, man, n: int, slices: int) -> None:
+SIZE_BANDS_MM = ((0.0, 10.0), (10.0, 20.0), (20.0, float("inf")))
+
+
+def lesion_detection(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> tuple[list[tuple[float, bool]], int]:
+    """(equivalent diameter in mm, found) for each reference lesion, and the count of false-positive components."""
+    from scipy import ndimage
+
+    ref, n_ref = ndimage.label(truth)
+    out, n_out = ndimage.label(pred)
+    lesions = []
+    for j, size in enumerate(np.bincount(ref.ravel(), minlength=n_ref + 1)[1:], start=1):
+        diameter = (6.0 * size * voxel_ml * 1000.0 / np.pi) ** (1.0 / 3.0)
+        lesions.append((float(diameter), bool(pred[ref == j].any())))
+    touching = set(np.unique(out[truth])) - {0}
+    return lesions, n_out - len(touching)
+
+
+def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
     from appliance.synthetic import sample_case
 
-    acc: dict[str, list[int]] = {}
+    acc: dict[str, dict[str, list[int]]] = {name: {} for name, _ in models}
+    found: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in models}
+    false_pos = {name: 0 for name, _ in models}
     t0 = time.time()
     for i in range(n):
         kind = "full" if i % 2 == 0 else "targeted"
         hu, lab, meta = sample_case(HELDOUT_SEED0 + i, n_slices=slices, fov_kind=kind)
-        pred = predict(sess, spec, man, hu, meta["pixel_spacing"])
-        for group in ("all", kind, meta["phase"]):
-            g = acc.setdefault(group, [0, 0, 0, 0])
-            for j, (p, t) in enumerate(((pred > 0, lab > 0), (pred == 2, lab == 2))):
-                g[2 * j] += int((p & t).sum())
-                g[2 * j + 1] += int(p.sum() + t.sum())
-        print(f"phantom {i + 1}/{n} ({kind}, {meta['phase']}, fov {meta['fov_mm']:.0f} mm): "
-              f"liver {dice(pred > 0, lab > 0):.3f} lesion {dice(pred == 2, lab == 2):.3f}  "
-              f"[{time.time() - t0:.0f}s]", file=sys.stderr)
-    for group, g in acc.items():
-        ld = 2 * g[0] / g[1] if g[1] else float("nan")
-        sd = 2 * g[2] / g[3] if g[3] else float("nan")
-        print(f"held-out phantoms {group:9s}: liver Dice {ld:.4f}  lesion Dice {sd:.4f}")
+        zs = meta["z_positions"]
+        dz = abs(zs[1] - zs[0]) if len(zs) > 1 else 1.0
+        voxel_ml = meta["pixel_spacing"][0] * meta["pixel_spacing"][1] * dz / 1000.0
+        line = []
+        for name, (man, spec, sess) in models:
+            pred = predict(sess, spec, man, hu, meta["pixel_spacing"])
+            for group in ("all", kind, meta["phase"]):
+                g = acc[name].setdefault(group, [0, 0, 0, 0])
+                for j, (p, t) in enumerate(((pred > 0, lab > 0), (pred == 2, lab == 2))):
+                    g[2 * j] += int((p & t).sum())
+                    g[2 * j + 1] += int(p.sum() + t.sum())
+            lesions, fp = lesion_detection(pred == 2, lab == 2, voxel_ml)
+            found[name] += lesions
+            false_pos[name] += fp
+            line.append(f"{name}: liver {dice(pred > 0, lab > 0):.3f} lesion {dice(pred == 2, lab == 2):.3f} "
+                        f"found {sum(f for _, f in lesions)}/{len(lesions)} fp {fp}")
+        print(f"phantom {i + 1}/{n} ({kind}, {meta['phase']}, fov {meta['fov_mm']:.0f} mm): " + "; ".join(line)
+              + f"  [{time.time() - t0:.0f}s]", file=sys.stderr)
+    for name, _ in models:
+        for group, g in acc[name].items():
+            ld = 2 * g[0] / g[1] if g[1] else float("nan")
+            sd = 2 * g[2] / g[3] if g[3] else float("nan")
+            print(f"{name}: held-out phantoms {group:9s}: liver Dice {ld:.4f}  lesion Dice {sd:.4f}")
+        bands = []
+        for lo, hi in SIZE_BANDS_MM:
+            hits = [f for d, f in found[name] if lo <= d < hi]
+            label = f"<{hi:.0f}" if lo == 0 else (f">={lo:.0f}" if hi == float("inf") else f"{lo:.0f}-{hi:.0f}")
+            bands.append(f"{label} mm {sum(hits)}/{len(hits)}")
+        total = sum(f for _, f in found[name])
+        print(f"{name}: lesions found {total}/{len(found[name])} ({', '.join(bands)}); "
+              f"false-positive components {false_pos[name]} ({false_pos[name] / max(n, 1):.2f} per case)")
 
 
-def eval_real(sess, spec, man, folder: Path) -> None:
+def eval_real(models: list[tuple[str, tuple]], folder: Path) -> None:
     import pydicom
 
     files = sorted((folder / "dicom").glob("*"))
@@ -102,25 +144,31 @@ def eval_real(sess, spec, man, folder: Path) -> None:
     if [str(u) for u in ref["sop_instance_uids"]] != [str(d.SOPInstanceUID) for d in ds]:
         raise SystemExit("reference slice order does not match the series")
     liver = ref["liver"].astype(bool)
-    t0 = time.time()
-    pred = predict(sess, spec, man, hu, tuple(float(v) for v in ds[0].PixelSpacing))
-    print(f"real CT ({len(ds)} slices, {time.time() - t0:.1f}s): liver Dice {dice(pred > 0, liver):.4f} "
-          f"(label 1 only {dice(pred == 1, liver):.4f}); lesion voxels predicted {int((pred == 2).sum())}")
+    for name, (man, spec, sess) in models:
+        t0 = time.time()
+        pred = predict(sess, spec, man, hu, tuple(float(v) for v in ds[0].PixelSpacing))
+        print(f"{name}: real CT ({len(ds)} slices, {time.time() - t0:.1f}s): liver Dice {dice(pred > 0, liver):.4f} "
+              f"(label 1 only {dice(pred == 1, liver):.4f}); lesion voxels predicted {int((pred == 2).sum())}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--package", type=Path, default=ROOT / "models" / "liver-ct-demo", help="model package folder")
+    p.add_argument("--package", type=Path, action="append",
+                   help="model package folder; repeat to compare on the same phantoms (default models/liver-ct-demo)")
     p.add_argument("--phantoms", type=int, default=12, help="held-out phantoms (0 to skip; default 12)")
     p.add_argument("--slices", type=int, default=32, help="slices per phantom (default 32)")
     p.add_argument("--real", type=Path, default=REAL_CT, help="real CT folder (dicom/ and liver_reference.npz)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     a = p.parse_args(argv)
-    man, spec, sess = load_package(a.package, a.threads)
+    folders = a.package or [ROOT / "models" / "liver-ct-demo"]
+    models = []
+    for f in folders:
+        loaded = load_package(f, a.threads)
+        models.append((f"{f.name} {loaded[0]['version']}" if len(folders) == 1 else str(f), loaded))
     if a.phantoms:
-        eval_phantoms(sess, spec, man, a.phantoms, a.slices)
+        eval_phantoms(models, a.phantoms, a.slices)
     if (a.real / "liver_reference.npz").exists():
-        eval_real(sess, spec, man, a.real)
+        eval_real(models, a.real)
     else:
         print(f"real CT not found at {a.real}; skipped", file=sys.stderr)
     return 0
