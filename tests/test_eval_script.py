@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_eval_script():
-    spec = importlib.util.spec_from_file_location("eval_demo_model", ROOT / "scripts" / "eval_demo_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+from script_loader import SCRIPTS, load_script
 
 
 def test_lesion_detection_counts_found_missed_and_false_positive_components() -> None:
@@ -29,7 +18,7 @@ def test_lesion_detection_counts_found_missed_and_false_positive_components() ->
     pred[6, 25, 25] = True
     pred[0, 38, 38] = True               # two separate components touching no lesion
     pred[1, 38, 30] = True
-    lesions, false_pos = load_eval_script().lesion_detection(pred, truth, voxel_ml=0.001)
+    lesions, false_pos = load_script("eval_demo_model").lesion_detection(pred, truth, voxel_ml=0.001)
     assert [found for _, found in lesions] == [False, True]
     # Equivalent-sphere diameters: 48 and 900 mm^3.
     assert lesions[0][0] == pytest.approx((6 * 48 / np.pi) ** (1 / 3))
@@ -40,13 +29,13 @@ def test_lesion_detection_counts_found_missed_and_false_positive_components() ->
 def test_lesion_detection_with_nothing_predicted() -> None:
     truth = np.zeros((4, 8, 8), bool)
     truth[1:3, 2:4, 2:4] = True
-    lesions, false_pos = load_eval_script().lesion_detection(np.zeros_like(truth), truth, voxel_ml=0.001)
+    lesions, false_pos = load_script("eval_demo_model").lesion_detection(np.zeros_like(truth), truth, voxel_ml=0.001)
     assert [found for _, found in lesions] == [False] and false_pos == 0
 
 
 @pytest.mark.parametrize("script", ["eval_demo_model.py", "bench_inference.py", "bench_cpu_variants.py"])
 def test_scripts_answer_help(script: str) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout

@@ -7,24 +7,12 @@ that look like one.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+from script_loader import load_script
 
 
 def test_shading_is_bounded_smooth_and_only_on_tissue() -> None:
-    T = _train_module()
+    T = load_script("train_demo_model")
     prep = np.full((3, 160, 160), -1.0, np.float16)  # air
     prep[:, 20:140, 20:140] = 0.2  # uniform soft tissue (~110 HU)
     lab = np.zeros((3, 160, 160), np.uint8)
