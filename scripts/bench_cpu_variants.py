@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
         sess = ort_session(path, args.threads)
-        return lambda b: sess.run(None, {sess.get_inputs()[0].name: b})[0]
+        name = sess.get_inputs()[0].name
+        return lambda b: sess.run(None, {name: b})[0]
 
     shipped_torch = torch_runner(torch_model_from_onnx(package.onnx_path, package.input_spec.channels))
     variants: dict[str, tuple[Callable, Callable]] = {

@@ -82,11 +82,11 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> tu
 
     ref, n_ref = ndimage.label(truth)
     out, n_out = ndimage.label(pred)
-    lesions = []
-    for j, size in enumerate(np.bincount(ref.ravel(), minlength=n_ref + 1)[1:], start=1):
-        diameter = (6.0 * size * voxel_ml * 1000.0 / np.pi) ** (1.0 / 3.0)
-        lesions.append((float(diameter), bool(pred[ref == j].any())))
-    touching = set(np.unique(out[truth])) - {0}
+    hit = set(np.unique(ref[pred]).tolist())  # reference lesions with a predicted voxel inside
+    sizes = np.bincount(ref.ravel(), minlength=n_ref + 1)
+    lesions = [(float((6.0 * sizes[j] * voxel_ml * 1000.0 / np.pi) ** (1.0 / 3.0)), j in hit)
+               for j in range(1, n_ref + 1)]
+    touching = set(np.unique(out[truth]).tolist()) - {0}
     return lesions, n_out - len(touching)
 
 
