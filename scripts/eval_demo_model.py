@@ -7,7 +7,8 @@ takes the argmax and the largest 3D component, and reports
 
 (a) global liver and lesion Dice on held-out synthetic phantoms (seeds disjoint from training), and
 (b) liver Dice on the real portal-venous CT in ``../shared/data/real-ct-abdomen`` (never trained on: it is
-    the honest measure of how the synthetic training transfers to real anatomy).
+    the honest measure of how the synthetic training transfers to real anatomy), as acquired and as the
+    targeted (250 and 180 mm) and thick-slab views derived from it (``real_ct.py``).
 
 Liver Dice counts labels 1 and 2 together as the organ (a lesion is part of the liver).
 
@@ -37,8 +38,10 @@ except ModuleNotFoundError:  # Python < 3.11
 from appliance.infer.postprocess import keep_largest_component  # noqa: E402
 from appliance.infer.preprocess import InputSpec, batch_input, model_grid, scores_to_source, to_model_grid  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from real_ct import REAL_CT, real_views  # noqa: E402
+
 HELDOUT_SEED0 = 1_000_000
-REAL_CT = ROOT.parent / "shared" / "data" / "real-ct-abdomen"
 
 
 def load_package(folder: Path, threads: int):
@@ -134,21 +137,16 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
 
 
 def eval_real(models: list[tuple[str, tuple]], folder: Path) -> None:
-    import pydicom
-
-    files = sorted((folder / "dicom").glob("*"))
-    ds = [pydicom.dcmread(f) for f in files]
-    ds.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    hu = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in ds])
-    ref = np.load(folder / "liver_reference.npz")
-    if [str(u) for u in ref["sop_instance_uids"]] != [str(d.SOPInstanceUID) for d in ds]:
-        raise SystemExit("reference slice order does not match the series")
-    liver = ref["liver"].astype(bool)
-    for name, (man, spec, sess) in models:
-        t0 = time.time()
-        pred = predict(sess, spec, man, hu, tuple(float(v) for v in ds[0].PixelSpacing))
-        print(f"{name}: real CT ({len(ds)} slices, {time.time() - t0:.1f}s): liver Dice {dice(pred > 0, liver):.4f} "
-              f"(label 1 only {dice(pred == 1, liver):.4f}); lesion voxels predicted {int((pred == 2).sum())}")
+    """Liver Dice on the real series as acquired and on the views derived from it (see real_ct.py)."""
+    for view in real_views(folder):
+        for name, (man, spec, sess) in models:
+            t0 = time.time()
+            pred = predict(sess, spec, man, view.hu, view.spacing)
+            print(f"{name}: real CT {view.name} ({view.hu.shape[0]}x{view.hu.shape[1]}x{view.hu.shape[2]}, "
+                  f"{view.fov_mm:.0f} mm field of view, {view.spacing[0]:.2f} mm pixels, {view.slice_mm:g} mm slices, "
+                  f"{time.time() - t0:.1f}s): liver Dice {dice(pred > 0, view.liver):.4f} "
+                  f"(label 1 only {dice(pred == 1, view.liver):.4f}); lesion voxels predicted {int((pred == 2).sum())} "
+                  f"({(pred == 2).sum() * view.spacing[0] * view.spacing[1] * view.slice_mm / 1000:.1f} mL)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,9 @@ from appliance.infer.preprocess import (  # noqa: E402
 )
 from appliance.synthetic import make_phantom, sample_spec  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from real_ct import real_views  # noqa: E402
+
 NAME = "liver-ct-demo"
 VERSION = "1.2.0"
 N_CLASSES = 3
@@ -51,7 +54,6 @@ OPT_SIZE = (192, 192)
 OPT_BATCH, MAX_BATCH = 8, 16
 WIDTHS = (12, 24, 48, 96, 192)  # --width 12 (the default), doubling per level
 HELDOUT_SEED0 = 1_000_000
-REAL_CT = ROOT.parent / "shared" / "data" / "real-ct-abdomen"
 
 
 def log(msg: str) -> None:
@@ -334,35 +336,21 @@ def evaluate_phantoms(run_batch, cases: list[dict]) -> dict[str, dict[str, float
     return res
 
 
-def load_real_ct(folder: Path = REAL_CT) -> tuple[np.ndarray, tuple[float, float], np.ndarray] | None:
-    """The real series (HU, ascending z), its pixel spacing and the liver reference; None if absent."""
-    import pydicom
-
-    ref_path = folder / "liver_reference.npz"
-    files = sorted((folder / "dicom").glob("*")) if (folder / "dicom").is_dir() else []
-    if not files or not ref_path.exists():
-        return None
-    ds = [pydicom.dcmread(f) for f in files]
-    ds.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    hu = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in ds])
-    ref = np.load(ref_path)
-    uids = [str(u) for u in ref["sop_instance_uids"]]
-    if uids != [str(d.SOPInstanceUID) for d in ds]:
-        raise ValueError("real CT reference order does not match the series' z order")
-    sp = tuple(float(v) for v in ds[0].PixelSpacing)
-    return hu, (sp[0], sp[1]), ref["liver"].astype(bool)
+def evaluate_real(run_batch) -> list[dict] | None:
+    """Liver Dice on the real CT as acquired and on its targeted and thick-slab views; None if absent."""
+    out = []
+    for view in real_views():
+        pred = predict_volume(run_batch, view.hu, view.spacing)
+        voxel_ml = view.spacing[0] * view.spacing[1] * view.slice_mm / 1000.0
+        out.append({"view": view.name, "fov_mm": view.fov_mm, "pixel_mm": view.spacing[0], "slice_mm": view.slice_mm,
+                    "slices": int(view.hu.shape[0]), "liver_dice": dice(pred > 0, view.liver),
+                    "liver_label1_dice": dice(pred == 1, view.liver), "lesion_ml": float((pred == 2).sum() * voxel_ml)})
+    return out or None
 
 
-def evaluate_real(run_batch) -> dict[str, float] | None:
-    real = load_real_ct()
-    if real is None:
-        return None
-    hu, sp, ref = real
-    pred = predict_volume(run_batch, hu, sp)
-    liver = pred > 0
-    return {"liver_dice": float(2 * (liver & ref).sum() / (liver.sum() + ref.sum())),
-            "liver_label1_dice": float(2 * ((pred == 1) & ref).sum() / ((pred == 1).sum() + ref.sum())),
-            "lesion_voxels": int((pred == 2).sum()), "slices": int(hu.shape[0])}
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / s if s else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -428,8 +416,14 @@ def write_card(out: Path, info: dict) -> None:
            f"lesion {_fmt(all_.get('lesion', float('nan')))} (target >= 0.75: "
            f"{'met' if all_.get('lesion', 0) >= 0.75 else 'NOT met'})"]
     targets_line = "Targets on held-out phantoms: " + "; ".join(met) + "."
-    real_line = (f"**{real['liver_dice']:.3f}** (liver = labels 1 and 2; label 1 alone: {real['liver_label1_dice']:.3f}) "
-                 f"on {real['slices']} slices" if real else "not measured (data not present)")
+    if real:
+        real_rows = "\n".join(
+            f"| {r['view']} | {r['fov_mm']:.0f} mm | {r['pixel_mm']:.2f} mm | {r['slice_mm']:g} mm | {r['slices']} | "
+            f"**{r['liver_dice']:.3f}** | {r['liver_label1_dice']:.3f} | {r['lesion_ml']:.1f} |" for r in real)
+        real_text = ("| view | field of view | pixels | slices | n | liver Dice (labels 1+2) | label 1 only | lesion mL marked |\n"
+                     "|---|---|---|---|---|---|---|---|\n" + real_rows)
+    else:
+        real_text = "Not measured (data not present)."
     text = f"""# {NAME} {VERSION}: liver and liver-lesion segmentation on CT (demonstration model)
 
 **Demonstration only. This is not a medical device and must not be used for diagnosis, treatment or any
@@ -482,8 +476,13 @@ on the source grid after the serving post-processing):
 
 {targets_line}
 
-Real CT (20 slices of a portal venous abdominal CT, full field of view, reference liver mask from
-TotalSegmentator, not manual; never trained on or tuned against): liver Dice {real_line}.
+Real CT (20 slices of a portal venous abdominal CT, 500 mm field of view, 2 mm spacing, reference liver mask from
+TotalSegmentator, not manual; never trained on or tuned against). Besides the series as acquired, views derived
+from it as a clinic would send them (`scripts/real_ct.py`): targeted reconstructions (an in-plane crop centred on
+the liver, resampled to 512 x 512: the liver fills the image, no body outline) and 4 mm slabs (adjacent slices
+averaged). The real CT has no lesion reference; "lesion mL marked" is what the model calls lesion there.
+
+{real_text}
 
 ## Limitations
 - Trained on synthetic anatomy only: real livers, vessels, lesions and neighbouring organs look different in
@@ -500,7 +499,7 @@ TotalSegmentator, not manual; never trained on or tuned against): liver Dice {re
 
 def write_manifest(out: Path, info: dict) -> None:
     ho, real = info["heldout"], info["real"]
-    real_txt = f"{real['liver_dice']:.4f}" if real else "nan"
+    real_txt = f"{real[0]['liver_dice']:.4f}" if real else "nan"
     text = f'''schema = 1
 name = "{NAME}"
 version = "{VERSION}"
@@ -741,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"held-out {group:9s} ({g['cases']} cases): liver Dice {_fmt(g['liver'])}  lesion Dice {_fmt(g['lesion'])}")
     real = None if args.no_real else evaluate_real(run)
     if real:
-        log(f"real CT: liver Dice {real['liver_dice']:.4f} (label 1 only {real['liver_label1_dice']:.4f})")
+        for r in real:
+            log(f"real CT {r['view']}: liver Dice {r['liver_dice']:.4f} (label 1 only {r['liver_label1_dice']:.4f}), "
+                f"lesion {r['lesion_ml']:.1f} mL marked")
     cmd = "python scripts/train_demo_model.py " + " ".join(_weight_args(argv if argv is not None else sys.argv[1:]))
     info = dict(heldout=ho, real=real, onnx=onx, params=n_params, widths=widths, n_train=args.train_phantoms,
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,

@@ -6,6 +6,7 @@ The scripts are standalone programs, not part of the installed package, so they 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,5 +18,7 @@ def load_script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None, name
     mod = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as an import would: dataclasses look their module up while being defined.
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
