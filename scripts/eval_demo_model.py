@@ -93,12 +93,38 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> tu
     return lesions, n_out - len(touching)
 
 
+ERROR_TERMS = ("missed lesions", "under-segmented found lesions", "false-positive components", "over-segmentation")
+
+
+def lesion_error_terms(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Where lesion Dice is lost, in voxels: true positives, and the four kinds of error.
+
+    Global Dice is 2TP / (2TP + FN + FP). FN splits into voxels of reference lesions nothing touched (missed
+    lesions) and the rest (under-segmented found lesions); FP into voxels of predicted components that touch
+    no lesion (false-positive components) and the rest (over-segmentation). Which term dominates says whether
+    detection or delineation is the thing to improve.
+    """
+    from scipy import ndimage
+
+    ref, _ = ndimage.label(truth)
+    out, _ = ndimage.label(pred)
+    hit = np.unique(ref[pred])
+    touching = np.unique(out[truth])
+    fn, fp = truth & ~pred, pred & ~truth
+    missed = fn & ~np.isin(ref, hit[hit > 0])
+    isolated = fp & ~np.isin(out, touching[touching > 0])
+    return {"tp": int((pred & truth).sum()), "missed lesions": int(missed.sum()),
+            "under-segmented found lesions": int(fn.sum() - missed.sum()),
+            "false-positive components": int(isolated.sum()), "over-segmentation": int(fp.sum() - isolated.sum())}
+
+
 def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
     from appliance.synthetic import sample_case
 
     acc: dict[str, dict[str, list[int]]] = {name: {} for name, _ in models}
     found: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in models}
     false_pos = {name: 0 for name, _ in models}
+    terms = {name: dict.fromkeys(("tp",) + ERROR_TERMS, 0) for name, _ in models}
     t0 = time.time()
     for i in range(n):
         kind = "full" if i % 2 == 0 else "targeted"
@@ -117,6 +143,8 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
             lesions, fp = lesion_detection(pred == 2, lab == 2, voxel_ml)
             found[name] += lesions
             false_pos[name] += fp
+            for k, v in lesion_error_terms(pred == 2, lab == 2).items():
+                terms[name][k] += v
             line.append(f"{name}: liver {dice(pred > 0, lab > 0):.3f} lesion {dice(pred == 2, lab == 2):.3f} "
                         f"found {sum(f for _, f in lesions)}/{len(lesions)} fp {fp}")
         print(f"phantom {i + 1}/{n} ({kind}, {meta['phase']}, fov {meta['fov_mm']:.0f} mm): " + "; ".join(line)
@@ -134,6 +162,10 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
         total = sum(f for _, f in found[name])
         print(f"{name}: lesions found {total}/{len(found[name])} ({', '.join(bands)}); "
               f"false-positive components {false_pos[name]} ({false_pos[name] / max(n, 1):.2f} per case)")
+        t = terms[name]
+        denom = 2 * t["tp"] + sum(t[k] for k in ERROR_TERMS)
+        print(f"{name}: lesion Dice lost to (Dice if that term were zero): " + ", ".join(
+            f"{k} {t[k]} voxels ({2 * t['tp'] / max(denom - t[k], 1):.3f})" for k in ERROR_TERMS))
 
 
 def eval_real(models: list[tuple[str, tuple]], folder: Path) -> None:

@@ -33,6 +33,20 @@ def test_lesion_detection_with_nothing_predicted() -> None:
     assert [found for _, found in lesions] == [False] and false_pos == 0
 
 
+def test_lesion_error_terms_split_the_dice_denominator() -> None:
+    truth = np.zeros((10, 40, 40), bool)
+    truth[2:5, 2:6, 2:6] = True          # 48 voxels, nothing predicted: missed
+    truth[5:9, 20:30, 20:30] = True      # 400 voxels, 300 predicted: 100 under-segmented
+    pred = np.zeros_like(truth)
+    pred[5:8, 20:30, 20:30] = True
+    pred[5:9, 30:32, 20:30] = True       # 80 voxels outside the lesion, attached to it: over-segmentation
+    pred[0, 35:38, 35:38] = True         # 9 voxels touching no lesion: a false-positive component
+    t = load_script("eval_demo_model").lesion_error_terms(pred, truth)
+    assert t == {"tp": 300, "missed lesions": 48, "under-segmented found lesions": 100,
+                 "false-positive components": 9, "over-segmentation": 80}
+    assert 2 * t["tp"] + sum(v for k, v in t.items() if k != "tp") == int(pred.sum() + truth.sum())
+
+
 @pytest.mark.parametrize("script", ["eval_demo_model.py", "bench_inference.py", "bench_cpu_variants.py"])
 def test_scripts_answer_help(script: str) -> None:
     r = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True, text=True,
