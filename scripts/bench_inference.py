@@ -56,27 +56,11 @@ def train_module() -> Any:
 
 
 def torch_model_from_onnx(onnx_path: Path, channels: int) -> Any:
-    """The training architecture, batch-norm folded as exported, with model.onnx's weights loaded by name
-    (the export keeps PyTorch's parameter names as initializer names)."""
-    import onnx
-    import torch
-    from onnx import numpy_helper
-
-    mod = train_module()
-    graph = onnx.load(str(onnx_path)).graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    # The base width (--width at training) is the first convolution's output channels.
-    first = next(iter(mod.build_model(channels=channels).state_dict()))
-    base = int(inits[first].shape[0]) if first in inits else mod.WIDTHS[0]
-    widths = tuple(base * 2**i for i in range(len(mod.WIDTHS)))
-    model = mod.fold_batchnorm(mod.build_model(widths, channels=channels)).eval()
-    params = dict(model.named_parameters())
-    if set(params) != set(inits) or any(tuple(params[k].shape) != inits[k].shape for k in params):
-        raise SystemExit("bench: the training script's architecture does not match model.onnx; retrain or fix")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(torch.from_numpy(np.ascontiguousarray(inits[k])))
-    return model
+    """The training architecture, batch-norm folded as exported, with model.onnx's weights loaded by name."""
+    try:
+        return train_module().model_from_onnx(onnx_path, channels).eval()
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}; retrain or fix") from exc
 
 
 def time_runner(run: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]) -> float:

@@ -140,6 +140,30 @@ def fold_batchnorm(model):
     return model
 
 
+def model_from_onnx(path: Path, channels: int = 3):
+    """The training architecture, BatchNorm folded as exported, with an exported model.onnx's weights loaded.
+
+    Why: the shipped package holds only the folded ONNX; this turns it back into a trainable PyTorch module
+    (``--init``: continue training a shipped model) and into the benchmark's PyTorch reference. The export keeps
+    PyTorch's parameter names as initializer names; the base width is the first convolution's output channels.
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    first = next(iter(build_model(channels=channels).state_dict()))
+    base = int(inits[first].shape[0]) if first in inits else WIDTHS[0]
+    model = fold_batchnorm(build_model(tuple(base * 2**i for i in range(len(WIDTHS))), channels=channels))
+    params = dict(model.named_parameters())
+    if set(params) != set(inits) or any(tuple(params[k].shape) != inits[k].shape for k in params):
+        raise ValueError(f"{path}: its weights do not fit the training script's architecture")
+    with torch.no_grad():
+        for k, prm in params.items():
+            prm.copy_(torch.from_numpy(np.ascontiguousarray(inits[k])))
+    return model
+
+
 # ------------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------------
@@ -424,6 +448,10 @@ def write_card(out: Path, info: dict) -> None:
                      "|---|---|---|---|---|---|---|---|\n" + real_rows)
     else:
         real_text = "Not measured (data not present)."
+    init_text = ("" if not info.get("init_sha") else
+                 f"\nThese steps continued from the exported model with SHA-256 {info['init_sha']} (BatchNorm folded into"
+                 " the convolutions, so it trained on as plain convolutions with bias); that model's own card and"
+                 " command say how it was trained.")
     text = f"""# {NAME} {VERSION}: liver and liver-lesion segmentation on CT (demonstration model)
 
 **Demonstration only. This is not a medical device and must not be used for diagnosis, treatment or any
@@ -464,7 +492,7 @@ noise 10-45 HU. Each phantom was passed through the serving pre-processing; trai
 {info['crop']} x {info['crop']} crops with small intensity jitter, {info['lesion_crops']:.0%} of them centred on a lesion pixel.
 Training: {info['steps']} steps of batch {info['batch']}, AdamW, cosine learning rate from {info['lr']}, loss cross-entropy
 (lesion class weight {info['lesion_weight']:g}) + soft Dice of the liver + {info['lesion_dice']:g} x soft Dice of the lesions;
-PyTorch CPU, deterministic, seed {info['seed']}, {info['train_minutes']:.0f} min.
+PyTorch CPU, deterministic, seed {info['seed']}, {info['train_minutes']:.0f} min.{init_text}
 
 ## Results
 Held-out phantoms (seeds from {HELDOUT_SEED0}, never trained on; {info['heldout_slices']} slices each; global Dice
@@ -566,7 +594,7 @@ heldout_liver_dice = {ho['all']['liver']:.4f}
 heldout_lesion_dice = {ho['all']['lesion']:.4f}
 real_ct_liver_dice = {real_txt}
 ort_cpu_300_slices_176px_s = {info['onnx']['ort_300_slices_176_s']:.2f}
-'''
+''' + (f'init_sha256 = "{info["init_sha"]}"\n' if info.get("init_sha") else "")
     (out / "manifest.toml").write_text(text)
 
 
@@ -624,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=12,
                    help="channels of the first U-Net level, doubling per level (default 12)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue training from this exported model.onnx (its width wins over --width; the "
+                        "network trains on with BatchNorm folded, so use a lower --lr, e.g. 1e-3)")
     p.add_argument("--train-phantoms", type=int, default=None, help="training phantoms (default 320; 4 with --quick)")
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 24; 2 with --quick)")
@@ -683,8 +714,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data ready in {time.time() - t_start:.0f}s: {sum(c['prep'].shape[0] for c in train)} training slices")
 
     # Model and optimiser.
-    widths = tuple(args.width * 2**i for i in range(len(WIDTHS)))
-    model = build_model(widths).to(dev).to(memory_format=torch.channels_last)  # faster oneDNN convolutions
+    if args.init is not None:
+        # Continue from an exported model: the folded network (no BatchNorm) trains on from those weights.
+        model = model_from_onnx(args.init)
+        init_sha = sha256(args.init)
+        widths = tuple(model.enc[0][0].out_channels * 2**i for i in range(len(WIDTHS)))
+        log(f"continuing from {args.init} (sha256 {init_sha[:12]}), widths {widths}")
+    else:
+        init_sha = None
+        widths = tuple(args.width * 2**i for i in range(len(WIDTHS)))
+        model = build_model(widths)
+    model = model.to(dev).to(memory_format=torch.channels_last)  # faster oneDNN convolutions
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warm = max(1, min(100, args.steps // 10))
@@ -748,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,
-                shading=args.shading,
+                shading=args.shading, init_sha=init_sha,
                 train_minutes=train_minutes, command=cmd.strip().replace('"', "'"))
     write_card(out, info)
     write_manifest(out, info)
