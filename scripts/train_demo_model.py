@@ -11,6 +11,9 @@ series: scores resampled to the source grid, argmax, largest 3D component. The r
 Reproducible on CPU: fixed seeds, deterministic algorithms, fixed thread count.
 
     .venv/bin/python scripts/train_demo_model.py                     # full run into models/liver-ct-demo
+    .venv/bin/python scripts/train_demo_model.py --init M/model.onnx --lr 1e-3 --seed 1 --steps 4000   # continue M
+
+The shipped model is the defaults followed by two continuations (its MODEL_CARD.md has the three commands).
     .venv/bin/python scripts/train_demo_model.py --quick --out /tmp/x  # end-to-end smoke run (< 2 min)
 """
 
@@ -46,7 +49,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from real_ct import real_views  # noqa: E402
 
 NAME = "liver-ct-demo"
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 N_CLASSES = 3
 SPEC = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64),
                  max_size=(256, 256), window=(-250.0, 350.0))
@@ -160,7 +163,7 @@ def model_from_onnx(path: Path, channels: int = 3):
         raise ValueError(f"{path}: its weights do not fit the training script's architecture")
     with torch.no_grad():
         for k, prm in params.items():
-            prm.copy_(torch.from_numpy(np.ascontiguousarray(inits[k])))
+            prm.copy_(torch.from_numpy(np.array(inits[k])))  # a writable copy
     return model
 
 
@@ -646,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="package folder (default models/liver-ct-demo; with --quick a new temporary folder)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and crop sampling (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 3000; 30 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 5000; 30 with --quick)")
     p.add_argument("--batch", type=int, default=16, help="crops per step (default 16)")
     p.add_argument("--crop", type=int, default=128, help="crop size in model-grid pixels (default 128)")
     p.add_argument("--width", type=int, default=12,
@@ -655,7 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, default=None,
                    help="continue training from this exported model.onnx (its width wins over --width; the "
                         "network trains on with BatchNorm folded, so use a lower --lr, e.g. 1e-3)")
-    p.add_argument("--train-phantoms", type=int, default=None, help="training phantoms (default 320; 4 with --quick)")
+    p.add_argument("--train-phantoms", type=int, default=None, help="training phantoms (default 480; 4 with --quick)")
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 24; 2 with --quick)")
     p.add_argument("--heldout-slices", type=int, default=None, help="slices per held-out phantom (default 32)")
@@ -679,8 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-real", action="store_true", help="skip the real-CT evaluation")
     a = p.parse_args(argv)
     q = a.quick
-    a.steps = a.steps if a.steps is not None else (30 if q else 3000)
-    a.train_phantoms = a.train_phantoms if a.train_phantoms is not None else (4 if q else 320)
+    a.steps = a.steps if a.steps is not None else (30 if q else 5000)
+    a.train_phantoms = a.train_phantoms if a.train_phantoms is not None else (4 if q else 480)
     a.train_slices = a.train_slices if a.train_slices is not None else (8 if q else 16)
     a.heldout_phantoms = a.heldout_phantoms if a.heldout_phantoms is not None else (2 if q else 24)
     a.heldout_slices = a.heldout_slices if a.heldout_slices is not None else (8 if q else 32)
@@ -764,8 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % 20 == 0 or step + 1 == args.steps:
             dt = time.time() - t0
             rate = (step + 1) / dt
-            log(f"step {step + 1}/{args.steps}  loss {ema:.4f} (ce {float(ce):.3f} dice liver {float(d_liv):.3f} "
-                f"lesion {float(d_les):.3f})  lr {lr_at(step):.2e}  {rate:.2f} steps/s  ETA {(args.steps - step - 1) / rate / 60:.1f} min")
+            log(f"step {step + 1}/{args.steps}  loss {ema:.4f} (ce {ce.item():.3f} dice liver {d_liv.item():.3f} "
+                f"lesion {d_les.item():.3f})  lr {lr_at(step):.2e}  {rate:.2f} steps/s  ETA {(args.steps - step - 1) / rate / 60:.1f} min")
     train_minutes = (time.time() - t0) / 60
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
 
