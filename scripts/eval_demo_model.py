@@ -39,7 +39,7 @@ from appliance.infer.postprocess import keep_largest_component  # noqa: E402
 from appliance.infer.preprocess import InputSpec, batch_input, model_grid, scores_to_source, to_model_grid  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from real_ct import REAL_CT, real_views  # noqa: E402
+from real_ct import REAL_CT, dice, real_views  # noqa: E402
 
 HELDOUT_SEED0 = 1_000_000
 
@@ -69,11 +69,6 @@ def predict(sess, spec: InputSpec, man: dict, hu: np.ndarray, spacing: tuple[flo
         scores = sess.run([man["output"]["tensor"]], {man["input"]["tensor"]: batch_input(prep, s, e, spec.channels)})[0]
         out[s:e] = scores_to_source(scores, grid).argmax(axis=1)
     return keep_largest_component(out, classes=man["postprocess"]["largest_component"])
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum() + b.sum())
-    return 2.0 * int((a & b).sum()) / s if s else float("nan")
 
 
 SIZE_BANDS_MM = ((0.0, 10.0), (10.0, 20.0), (20.0, float("inf")))

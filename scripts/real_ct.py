@@ -34,6 +34,12 @@ class RealView:
         return float(self.hu.shape[2] * self.spacing[1])
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (nan when both are empty): the figure every evaluation script reports."""
+    s = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / s if s else float("nan")
+
+
 def load_real_ct(folder: Path = REAL_CT) -> RealView | None:
     """The series as acquired (HU, ascending z) with its liver reference; None where it is not present."""
     import pydicom

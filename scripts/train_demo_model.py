@@ -12,9 +12,9 @@ Reproducible on CPU: fixed seeds, deterministic algorithms, fixed thread count.
 
     .venv/bin/python scripts/train_demo_model.py                     # full run into models/liver-ct-demo
     .venv/bin/python scripts/train_demo_model.py --init M/model.onnx --lr 1e-3 --seed 1 --steps 4000   # continue M
+    .venv/bin/python scripts/train_demo_model.py --quick --out /tmp/x  # end-to-end smoke run (< 2 min)
 
 The shipped model is the defaults followed by two continuations (its MODEL_CARD.md has the three commands).
-    .venv/bin/python scripts/train_demo_model.py --quick --out /tmp/x  # end-to-end smoke run (< 2 min)
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from appliance.infer.preprocess import (  # noqa: E402
 from appliance.synthetic import make_phantom, sample_spec  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from real_ct import real_views  # noqa: E402
+from real_ct import dice, real_views  # noqa: E402
 
 NAME = "liver-ct-demo"
 VERSION = "1.3.0"
@@ -373,11 +373,6 @@ def evaluate_real(run_batch) -> list[dict] | None:
                     "slices": int(view.hu.shape[0]), "liver_dice": dice(pred > 0, view.liver),
                     "liver_label1_dice": dice(pred == 1, view.liver), "lesion_ml": float((pred == 2).sum() * voxel_ml)})
     return out or None
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / s if s else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------------
