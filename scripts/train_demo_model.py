@@ -478,7 +478,7 @@ onnxruntime CPU (2 intra-op threads, all graph optimisations), 300 slices at 176
 view): {onx['ort_300_slices_176_s']:.1f} s on the 2-core build machine. ONNX vs PyTorch max abs diff {onx['max_abs_diff']:.1e}.
 
 ## Training data
-{info['n_train']} synthetic abdominal phantoms (`appliance/synthetic`, seeds 0..{info['n_train'] - 1}, {info['train_slices']}
+{info['n_train']} synthetic abdominal phantoms (`appliance/synthetic`, seeds {info['train_seed0']}..{info['train_seed0'] + info['n_train'] - 1}, {info['train_slices']}
 slices each): randomly deformed liver (lobes, size, z-extent 130-210 mm, position) hugging the ribcage under the
 diaphragm dome, with portal and hepatic vein trees; spleen, kidneys (cortex, medulla, sinus), aorta, IVC, pancreas,
 gallbladder, stomach and bowel with air, fluid or oral contrast, lung bases and heart, vertebrae with posterior
@@ -581,6 +581,7 @@ script = "scripts/train_demo_model.py"
 seed = {info['seed']}
 command = "{info['command']}"
 phantoms_train = {info['n_train']}
+train_seed_start = {info['train_seed0']}
 slices_per_phantom = {info['train_slices']}
 phantoms_heldout = {info['n_heldout']}
 heldout_seed_start = {HELDOUT_SEED0}
@@ -618,10 +619,10 @@ def _weight_args(argv: list[str]) -> list[str]:
 
 
 def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Training phantoms rotate through seeds 0..N-1; held-out ones alternate full and targeted views."""
+    """Training phantoms are seeds S..S+N-1 (S = --train-seed0); held-out ones alternate full and targeted views."""
     import pickle
 
-    key = (args.train_phantoms, args.train_slices, args.heldout_phantoms, args.heldout_slices)
+    key = (args.train_phantoms, args.train_slices, args.heldout_phantoms, args.heldout_slices, args.train_seed0)
     if args.cache is not None and args.cache.exists():
         with args.cache.open("rb") as f:
             cached = pickle.load(f)
@@ -629,7 +630,8 @@ def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             log(f"phantoms from cache {args.cache}")
             return cached["train"], cached["heldout"]
         log(f"cache {args.cache} was rendered with other settings: rendering again")
-    train = render_cases(list(range(args.train_phantoms)), args.train_slices, args.workers)
+    seeds = list(range(args.train_seed0, args.train_seed0 + args.train_phantoms))
+    train = render_cases(seeds, args.train_slices, args.workers)
     ho_seeds = [HELDOUT_SEED0 + i for i in range(args.heldout_phantoms)]
     ho_kinds = ["full" if i % 2 == 0 else "targeted" for i in range(args.heldout_phantoms)]
     heldout = render_cases(ho_seeds, args.heldout_slices, args.workers, ho_kinds, keep_source=True)
@@ -654,6 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue training from this exported model.onnx (its width wins over --width; the "
                         "network trains on with BatchNorm folded, so use a lower --lr, e.g. 1e-3)")
     p.add_argument("--train-phantoms", type=int, default=None, help="training phantoms (default 480; 4 with --quick)")
+    p.add_argument("--train-seed0", type=int, default=0,
+                   help="first training phantom seed (default 0); a continuation run given new seeds sees new patients")
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 24; 2 with --quick)")
     p.add_argument("--heldout-slices", type=int, default=None, help="slices per held-out phantom (default 32)")
@@ -682,6 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.train_slices = a.train_slices if a.train_slices is not None else (8 if q else 16)
     a.heldout_phantoms = a.heldout_phantoms if a.heldout_phantoms is not None else (2 if q else 24)
     a.heldout_slices = a.heldout_slices if a.heldout_slices is not None else (8 if q else 32)
+    if a.train_seed0 < 0 or a.train_seed0 + a.train_phantoms > HELDOUT_SEED0:
+        p.error(f"training seeds must lie in 0..{HELDOUT_SEED0 - 1}: seeds from {HELDOUT_SEED0} are held out")
     if q:
         a.crop = min(a.crop, 96)
         a.batch = min(a.batch, 8)
@@ -707,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"output: {out}")
     t_start = time.time()
 
-    # Data. Training phantoms rotate through seeds 0..N-1; held-out ones alternate full and targeted views.
+    # Data. Training phantoms are seeds S..S+N-1; held-out ones alternate full and targeted views.
     train, heldout = load_or_render(args)
     log(f"data ready in {time.time() - t_start:.0f}s: {sum(c['prep'].shape[0] for c in train)} training slices")
 
@@ -783,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"lesion {r['lesion_ml']:.1f} mL marked")
     cmd = "python scripts/train_demo_model.py " + " ".join(_weight_args(argv if argv is not None else sys.argv[1:]))
     info = dict(heldout=ho, real=real, onnx=onx, params=n_params, widths=widths, n_train=args.train_phantoms,
+                train_seed0=args.train_seed0,
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,

@@ -175,7 +175,7 @@ def test_training_continues_from_an_exported_model(tmp_path: Path) -> None:
     shipped = ROOT / "models" / "liver-ct-demo" / "model.onnx"
     out = tmp_path / "pkg" / "liver-ct-demo"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo_model.py"), "--quick", "--no-real",
-                        "--init", str(shipped), "--lr", "1e-3", "--out", str(out)],
+                        "--init", str(shipped), "--lr", "1e-3", "--train-seed0", "480", "--out", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     from appliance.models.package import load_package
@@ -185,7 +185,23 @@ def test_training_continues_from_an_exported_model(tmp_path: Path) -> None:
     assert pkg.onnx_sha256 != sha  # it trained
     assert f'init_sha256 = "{sha}"' in (out / "manifest.toml").read_text()
     assert sha in (out / "MODEL_CARD.md").read_text()
+    # New patients for the continuation: the seeds are recorded where a reader looks for them.
+    assert "train_seed_start = 480" in (out / "manifest.toml").read_text()
+    assert "seeds 480..483" in (out / "MODEL_CARD.md").read_text()
     # 30 steps at a low rate from a trained model keep the liver (a fresh 30-step run does not).
     assert "held-out all" in r.stderr
     liver = float(r.stderr.split("held-out all")[1].split("liver Dice")[1].split()[0])
     assert liver >= 0.9, r.stderr[-2000:]
+
+
+def test_training_seeds_never_reach_the_held_out_seeds() -> None:
+    """--train-seed0 moves the training phantoms to new patients but never onto the held-out ones."""
+    from script_loader import load_script
+
+    train = load_script("train_demo_model")
+    a = train.parse_args(["--train-seed0", "480", "--train-phantoms", "480"])
+    assert (a.train_seed0, a.train_phantoms) == (480, 480)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train-seed0", str(train.HELDOUT_SEED0 - 10), "--train-phantoms", "480"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train-seed0", "-1"])
