@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from real_ct import dice, real_views  # noqa: E402
 
 NAME = "liver-ct-demo"
-VERSION = "1.3.0"
+VERSION = "1.4.0"
 N_CLASSES = 3
 SPEC = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64),
                  max_size=(256, 256), window=(-250.0, 350.0))
