@@ -14,7 +14,8 @@ Reproducible on CPU: fixed seeds, deterministic algorithms, fixed thread count.
     .venv/bin/python scripts/train_demo_model.py --init M/model.onnx --lr 1e-3 --seed 1 --steps 4000   # continue M
     .venv/bin/python scripts/train_demo_model.py --quick --out /tmp/x  # end-to-end smoke run (< 2 min)
 
-The shipped model is the defaults followed by two continuations (its MODEL_CARD.md has the three commands).
+The shipped model is the defaults followed by three continuations, the last on 480 new phantoms
+(``--train-seed0 480``); its MODEL_CARD.md has the four commands.
 """
 
 from __future__ import annotations
