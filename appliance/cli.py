@@ -30,6 +30,29 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.status import NotRunningError, read_snapshot
+
+    try:
+        snap = read_snapshot(cfg.storage.data_dir)
+    except NotRunningError as exc:
+        if args.json:
+            print(json.dumps({"running": False, "reason": str(exc)}))
+        else:
+            print(f"not running: {exc}")
+        return 3  # as systemctl status does for a stopped unit
+    if args.json:
+        print(json.dumps({"running": True, **snap.as_dict()}, indent=2))
+        return 0
+    print(f"appliance {snap.version} running (pid {snap.pid}) since {_iso(snap.started)}")
+    print(f"open associations: {snap.open_associations} of max_associations={snap.max_associations}")
+    for ls in snap.listeners:
+        state = "alive" if ls.alive else "DEAD (being restarted)"
+        print(f"  listener {ls.slot}: pid {ls.pid} {state}, {ls.open_associations} open")
+    print(f"inference worker: pid {snap.worker_pid} {'alive' if snap.worker_alive else 'NOT RUNNING'}")
+    return 0
+
+
 def cmd_series(cfg: Config, args: argparse.Namespace) -> int:
     from appliance.store import Store
 
@@ -190,7 +213,8 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
             shown[stage] = pct
             print(f"  {stage}: {i}/{n}", file=sys.stderr)
 
-    result = run_series(files, pkg, backend, progress if not args.quiet else None)
+    result = run_series(files, pkg, backend, progress if not args.quiet else None,
+                        memory_budget_mb=cfg.inference.memory_budget_mb)
     out = Path(args.out)
     write_outputs(result, out)
     made = []
@@ -263,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Stops cleanly on SIGTERM or Ctrl-C.")
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="is the appliance running, and how many associations are open",
+                       description="Show the running appliance's processes and its open DICOM associations "
+                                   "(across all listener processes). Exit status 3 when it is not running.")
+    p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("series", help="list received series and their state",
                        description="List every series in the store with its state "
@@ -339,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from appliance.store.perms import restrict_umask
+
+    restrict_umask()  # whatever a command writes under data_dir (engines, retries) stays private
     try:
         cfg = load_config(args.config)
         logs.setup(cfg.logging.level)

@@ -58,10 +58,21 @@ class DicomConfig(_Section):
     #: Listener processes accepting on the port. 0: one per CPU core, at least 4 (measured best on 2 cores).
     #: pynetdicom holds the GIL per process, so parallel associations need several processes.
     listeners: Annotated[int, Field(ge=0, le=64)] = 0
-    #: Largest P-DATA PDU we accept; 0 = unlimited. Large PDUs mean fewer Python round trips per instance.
-    max_pdu_size: Annotated[int, Field(ge=0)] = 0
+    #: Largest P-DATA-TF PDU we advertise and accept (bytes). A longer one is a protocol violation and
+    #: aborts the association. Finite: every listener may hold max_associations of these in memory.
+    max_pdu_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 1_048_576
+    #: Largest association-phase PDU (A-ASSOCIATE-RQ, A-RELEASE, A-ABORT) we read; longer ones are aborted.
+    #: Real senders' largest proposals (128 presentation contexts) are far below this.
+    max_association_pdu: Annotated[int, Field(ge=8192, le=16 * 1024 * 1024)] = 262_144
     #: Seconds without network traffic before an association is aborted.
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    #: Seconds a connection may take to complete A-ASSOCIATE (request and our answer) before it is dropped.
+    acse_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    #: Largest received dataset (bytes) held in memory; a larger one is spilled to a temporary file on
+    #: the data filesystem while it arrives, so memory never follows an instance's size.
+    memory_instance_bytes: Annotated[int, Field(ge=1_048_576)] = 32 * 1024 * 1024
+    #: Largest dataset (bytes) accepted at all, and the bound on what a Deflated dataset may inflate to.
+    max_instance_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024 ** 3
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -78,6 +89,9 @@ class StorageConfig(_Section):
     #: Days a series (its instances and results) is kept after all its results were delivered (or after
     #: it was found to need no model); then it is purged. Undelivered work is never purged. 0 keeps all.
     retention_days: Annotated[float, Field(ge=0)] = 30.0
+    #: A re-sent instance whose SOP Instance UID is stored but whose content differs: "keep" the stored
+    #: copy (counted and logged as a conflict) or "replace" it (the series is re-opened and processed again).
+    on_duplicate: Literal["keep", "replace"] = "keep"
 
 
 class AssembleConfig(_Section):
@@ -115,6 +129,9 @@ class InferenceConfig(_Section):
     nice: Annotated[int, Field(ge=0, le=19)] = 10
     #: How often the router and the worker look at the store for new work.
     poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
+    #: Peak memory the worker may use for one series (MB): the series is processed in slabs along z so
+    #: that this bound, not the series length, sets the peak. Default fits an 8 GB Jetson running the rest.
+    memory_budget_mb: Annotated[int, Field(ge=256, le=65536)] = 1024
 
     def resolved_models_dir(self) -> Path:
         from appliance.models.package import bundled_models_dir

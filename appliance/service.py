@@ -1,25 +1,31 @@
 """``appliance serve``: the supervisor that runs every stage.
 
 The supervisor binds the DICOM port itself (so "port already in use" is a clear start-up error),
-starts the ingest listener processes on that socket, runs the assembler, restarts a listener that
-dies, and on SIGTERM stops everything in order and exits 0.
+starts the ingest listener processes on that socket, runs the assembler, router, sender and retention
+threads and the inference worker process, restarts what dies, and on SIGTERM stops everything in order
+and exits 0. Listeners and the worker have separate restart policies: a listener that keeps dying stops
+the appliance (reception is broken); a worker that keeps dying (a model crashing its process) is
+restarted with a growing delay and never stops reception.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import fcntl
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from appliance import __version__
 from appliance.assemble import Assembler
-from appliance.config import Config
+from appliance.config import Config, DicomConfig
 from appliance.errors import ApplianceError
 from appliance.export import Sender
 from appliance.retention import Purger
@@ -29,15 +35,25 @@ from appliance.models.package import find_packages
 from appliance.route import Router
 from appliance.store.jobs import JobQueue
 from appliance.worker import run_worker
+from appliance.status import ListenerStatus, Snapshot, status_path, write_snapshot
 from appliance.store import Store
 from appliance.store.locks import lock_data_dir, wait_for_previous_run
+from appliance.store.perms import restrict_umask, secure_data_dir
 
 log = logging.getLogger("appliance.service")
 
 READY_TIMEOUT = 60.0
+#: How often the supervisor looks at its processes.
+WATCH_SECONDS = 0.5
 #: A listener that dies more than MAX_RESTARTS times within RESTART_WINDOW seconds stops the appliance.
+#: Worker deaths do not count: they have their own policy (:class:`RestartBackoff`).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+#: A dead worker is restarted at once, and while it keeps dying after doubling delays from
+#: WORKER_BACKOFF_BASE up to WORKER_BACKOFF_MAX seconds; a worker that ran WORKER_HEALTHY_SECONDS resets that.
+WORKER_BACKOFF_BASE = 1.0
+WORKER_BACKOFF_MAX = 60.0
+WORKER_HEALTHY_SECONDS = 60.0
 
 
 class StartupError(ApplianceError):
@@ -59,17 +75,113 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+class RestartBudget:
+    """The listeners' policy: at most ``limit`` deaths within ``window`` seconds.
+
+    A listener that keeps dying means reception itself is broken (a bug, the host): the appliance stops
+    so that an operator looks, instead of answering associations half-way forever.
+    """
+
+    def __init__(self, limit: int = MAX_RESTARTS, window: float = RESTART_WINDOW) -> None:
+        self.limit, self.window = limit, window
+        self._deaths: list[float] = []
+
+    def died(self, now: float) -> bool:
+        """Record a death; True while the budget allows another restart."""
+        self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
+        return len(self._deaths) <= self.limit
+
+    @property
+    def recent(self) -> int:
+        return len(self._deaths)
+
+
+class RestartBackoff:
+    """The worker's policy: always restart, at once after a healthy run, else after a doubling delay.
+
+    A model that crashes its process on every series must never stop reception: the job that kills
+    the worker is failed after ``inference.max_attempts`` deaths (``JobQueue.recover``), and the delay
+    keeps a worker that dies at start-up (a broken GPU driver) from spinning.
+    """
+
+    def __init__(self, base: float = WORKER_BACKOFF_BASE, cap: float = WORKER_BACKOFF_MAX,
+                 healthy_after: float = WORKER_HEALTHY_SECONDS) -> None:
+        self.base, self.cap, self.healthy_after = base, cap, healthy_after
+        self.failures = 0
+
+    def delay(self, lived: float) -> float:
+        """Seconds to wait before starting a worker that died after running ``lived`` seconds."""
+        if lived >= self.healthy_after:
+            self.failures = 0
+        self.failures += 1
+        if self.failures == 1:
+            return 0.0
+        return min(self.cap, self.base * 2 ** (self.failures - 2))
+
+
+def open_access_warning(dicom: DicomConfig) -> str | None:
+    """What to warn about when any caller is accepted on every interface; None otherwise."""
+    if dicom.allowed_callers:
+        return None
+    bind = dicom.bind.strip()
+    try:
+        everywhere = bind in ("", "*") or ipaddress.ip_address(bind.strip("[]")).is_unspecified
+    except ValueError:  # a host name: one interface
+        everywhere = False
+    if not everywhere:
+        return None
+    return (f"[dicom] allowed_callers is empty and bind = {dicom.bind!r} (every interface): any host that can "
+            f"reach port {dicom.port} may store instances here and have them processed; list the modalities "
+            "and PACS in [dicom] allowed_callers, or bind to the clinic network's address")
+
+
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker_target: Callable[..., None] = run_worker,
+                 worker_backoff: RestartBackoff | None = None) -> None:
         self.config = config
         self.stop = threading.Event()
         self.ctx = multiprocessing.get_context("spawn")
+        #: The worker process's entry point (a test gives one that crashes).
+        self.worker_target = worker_target
+        self.worker_backoff = worker_backoff or RestartBackoff()
+        self.listener_budget = RestartBudget()
+        self.listeners: list[Any] = []
+        self.worker: Any = None
+        self._worker_started = 0.0
+        #: When a dead worker is started again (monotonic); None while one runs.
+        self._worker_due: float | None = None
+        self._threads: list[tuple[threading.Thread, float]] = []
 
     def run(self) -> int:
         cfg = self.config
+        restrict_umask()
         store = Store.open(cfg.storage.data_dir)
         lock = lock_data_dir(store.data_dir)
         procs_lock = wait_for_previous_run(store.data_dir)
+        secure_data_dir(store.data_dir)
+        self._recover(store)
+        packages = self._load_models()
+        fcntl.flock(procs_lock, fcntl.LOCK_SH)  # recovery done: from here on, one of the live processes
+        sock = _bind(cfg)
+        warning = open_access_warning(cfg.dicom)
+        if warning:
+            log.warning("%s", warning)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self._start_listeners(sock)
+        log.info("appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
+                 __version__, cfg.dicom.ae_title, cfg.dicom.bind, cfg.dicom.port, len(self.listeners), store.data_dir)
+        self._start_stages(store, packages)
+        self._start_worker()
+        self._watch(store)
+        self._shut_down(store, sock, procs_lock, lock)
+        return 0
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def _recover(self, store: Store) -> None:
+        """What an unclean stop left: partial files, open associations, orphan files, interrupted jobs."""
+        cfg = self.config
         removed = store.spool.remove_partials()
         lost = store.index.mark_lost_associations()
         if removed or lost:
@@ -80,104 +192,146 @@ class Supervisor:
         if requeued or failed:
             log.warning("inference jobs interrupted by the unclean stop: %d re-queued, %d failed after %d attempts",
                         requeued, failed, cfg.inference.max_attempts)
-        models_dir = cfg.inference.resolved_models_dir()
+
+    def _load_models(self) -> list[Any]:
+        models_dir = self.config.inference.resolved_models_dir()
         packages, refused = find_packages(models_dir)
         for name, why in refused.items():
             log.error("model package %s refused: %s", name, why)
         log.info("models in %s: %s", models_dir, ", ".join(f"{p.name} {p.version}" for p in packages) or "none")
-        fcntl.flock(procs_lock, fcntl.LOCK_SH)  # recovery done: from here on, one of the live processes
-        sock = _bind(cfg)
-        n = cfg.dicom.listener_count()
-        slots = self.ctx.Array("i", n)
-        listeners: list[Any] = [None] * n
-        readies: list[Any] = [None] * n
+        return packages
 
-        def start(i: int) -> None:
-            readies[i] = self.ctx.Event()
-            with slots.get_lock():
-                slots[i] = 0
-            p = self.ctx.Process(target=run_listener, args=(cfg, sock, slots, i, readies[i]), name=f"ingest-{i}")
-            p.start()
-            listeners[i] = p
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
+    def _start_listeners(self, sock: socket.socket) -> None:
+        n = self.config.dicom.listener_count()
+        self._sock = sock
+        self._slots = self.ctx.Array("i", n)
+        self._readies: list[Any] = [None] * n
+        self.listeners = [None] * n
         for i in range(n):
-            start(i)
+            self._start_listener(i)
         deadline = time.monotonic() + READY_TIMEOUT
         for i in range(n):
-            if not readies[i].wait(max(0.0, deadline - time.monotonic())):
+            if not self._readies[i].wait(max(0.0, deadline - time.monotonic())):
                 self.stop.set()
-                self._stop_all(listeners)
+                self._stop_all(self.listeners)
                 raise StartupError(f"ingest listener {i} did not start within {READY_TIMEOUT:.0f} s; see the log above")
-        log.info("appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
-                 __version__, cfg.dicom.ae_title, cfg.dicom.bind, cfg.dicom.port, n, store.data_dir)
 
+    def _start_listener(self, i: int) -> None:
+        self._readies[i] = self.ctx.Event()
+        with self._slots.get_lock():
+            self._slots[i] = 0
+        p = self.ctx.Process(target=run_listener, args=(self.config, self._sock, self._slots, i, self._readies[i]),
+                             name=f"ingest-{i}")
+        p.start()
+        self.listeners[i] = p
+
+    def _start_stages(self, store: Store, packages: list[Any]) -> None:
+        """The in-process stages, each a thread of the supervisor: assemble, route, export, retention."""
+        cfg = self.config
         assembler = Assembler(store.index, cfg.assemble)
-        assemble_thread = threading.Thread(target=assembler.run, args=(self.stop,), name="assemble", daemon=True)
-        assemble_thread.start()
         router = Router(store.index, store.spool.root, cfg.routes, {p.name for p in packages},
                         cfg.inference.poll_seconds)
-        route_thread = threading.Thread(target=router.run, args=(self.stop,), name="route", daemon=True)
-        route_thread.start()
         sender = Sender(cfg, store)
-        export_thread = threading.Thread(target=sender.run, args=(self.stop,), name="export", daemon=True)
-        export_thread.start()
         purger = Purger(store, cfg.storage.retention_days)
-        purge_thread = threading.Thread(target=purger.run, args=(self.stop,), name="retention", daemon=True)
-        purge_thread.start()
-        worker = self._start_worker()
+        for name, target, join in (("assemble", assembler.run, 5.0), ("route", router.run, 5.0),
+                                   ("export", sender.run, cfg.export.timeout_seconds + 5),
+                                   ("retention", purger.run, 5.0)):
+            t = threading.Thread(target=target, args=(self.stop,), name=name, daemon=True)
+            t.start()
+            self._threads.append((t, join))
 
-        restarts: list[float] = []
-        while not self.stop.wait(0.5):
-            for i, p in enumerate(listeners):
-                if p.is_alive() or self.stop.is_set():
-                    continue
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-                if len(restarts) > MAX_RESTARTS:
-                    log.error("ingest listeners died %d times within %.0f s; giving up (see the errors above)",
-                              len(restarts), RESTART_WINDOW)
-                    self._stop_all(listeners)
-                    raise StartupError("ingest listeners keep dying; the appliance stopped")
-                log.error("ingest listener %d (pid %s) died with exit code %s; restarting it", i, p.pid, p.exitcode)
-                store.spool.remove_partials(p.pid)
-                store.index.mark_lost_associations(p.pid)
-                start(i)
-            if not worker.is_alive() and not self.stop.is_set():
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-                requeued, failed = JobQueue(store.index).recover(set(), cfg.inference.max_attempts)
-                log.error("inference worker (pid %s) died with exit code %s; %d job(s) re-queued, %d failed; "
-                          "restarting it", worker.pid, worker.exitcode, requeued, failed)
-                if len(restarts) > MAX_RESTARTS:
-                    self._stop_all([*listeners, worker])
-                    raise StartupError("processes keep dying; the appliance stopped (see the errors above)")
-                worker = self._start_worker()
+    # -- watching ----------------------------------------------------------------------------------
 
+    def _watch(self, store: Store) -> None:
+        """Until SIGTERM: restart what dies, each kind under its own policy."""
+        self._publish(store)
+        while not self.stop.wait(WATCH_SECONDS):
+            self._check_listeners(store)
+            self._check_worker(store)
+            self._publish(store)
+
+    def _publish(self, store: Store) -> None:
+        """The snapshot ``appliance status`` reads: processes and open associations per listener."""
+        if not hasattr(self, "_started_at"):
+            self._started_at = time.time()
+        with self._slots.get_lock():
+            counts = [self._slots[i] for i in range(len(self._slots))]
+        snap = Snapshot(
+            pid=os.getpid(), version=__version__, started=self._started_at, updated=time.time(),
+            max_associations=self.config.dicom.max_associations,
+            listeners=[ListenerStatus(slot=i, pid=p.pid if p is not None else None,
+                                      alive=p is not None and p.is_alive(), open_associations=counts[i])
+                       for i, p in enumerate(self.listeners)],
+            worker_pid=self.worker.pid if self.worker is not None else None,
+            worker_alive=self.worker is not None and self.worker.is_alive(),
+        )
+        try:
+            write_snapshot(store.data_dir, snap)
+        except OSError as exc:  # status is a convenience; never let it stop the supervisor
+            if not getattr(self, "_publish_failed", False):
+                log.warning("cannot publish the status snapshot: %s", exc)
+                self._publish_failed = True
+
+    def _check_listeners(self, store: Store) -> None:
+        for i, p in enumerate(self.listeners):
+            if p.is_alive() or self.stop.is_set():
+                continue
+            if not self.listener_budget.died(time.monotonic()):
+                log.error("ingest listeners died %d times within %.0f s; giving up (see the errors above)",
+                          self.listener_budget.recent, RESTART_WINDOW)
+                self.stop.set()
+                self._stop_all([*self.listeners, self.worker])
+                raise StartupError("ingest listeners keep dying; the appliance stopped")
+            log.error("ingest listener %d (pid %s) died with exit code %s; restarting it", i, p.pid, p.exitcode)
+            store.spool.remove_partials(p.pid)
+            store.index.mark_lost_associations(p.pid)
+            self._start_listener(i)
+
+    def _check_worker(self, store: Store) -> None:
+        if self.stop.is_set():
+            return
+        now = time.monotonic()
+        w = self.worker
+        if w is not None and not w.is_alive():
+            lived = now - self._worker_started
+            requeued, failed = JobQueue(store.index).recover(set(), self.config.inference.max_attempts)
+            delay = self.worker_backoff.delay(lived)
+            log.error("inference worker (pid %s) died with exit code %s after %.1f s; %d job(s) re-queued, %d failed; "
+                      "restarting it%s (DICOM reception is not affected)", w.pid, w.exitcode, lived, requeued, failed,
+                      f" in {delay:.1f} s" if delay else "")
+            self.worker = None
+            self._worker_due = now + delay
+        if self.worker is None and self._worker_due is not None and now >= self._worker_due:
+            self._start_worker()
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def _shut_down(self, store: Store, sock: socket.socket, *locks: Any) -> None:
         log.info("stopping")
-        self._stop_all([*listeners, worker])
-        assemble_thread.join(5)
-        route_thread.join(5)
-        export_thread.join(cfg.export.timeout_seconds + 5)
-        purge_thread.join(5)
+        self._stop_all([*self.listeners, self.worker])
+        try:
+            status_path(store.data_dir).unlink()
+        except OSError:
+            pass
+        for t, timeout in self._threads:
+            t.join(timeout)
         sock.close()
         store.index.close()
-        procs_lock.close()
-        lock.close()
+        for f in locks:
+            f.close()
         log.info("stopped")
-        return 0
 
-    def _start_worker(self) -> Any:
+    def _start_worker(self) -> None:
         # Not waited for: the main loop must keep answering SIGTERM, and it notices a worker that dies.
         # The event must outlive the child's start-up (it unpickles it), so it is kept on self.
         self._worker_ready = self.ctx.Event()
-        p = self.ctx.Process(target=run_worker, args=(self.config, self._worker_ready), name="worker")
+        p = self.ctx.Process(target=self.worker_target, args=(self.config, self._worker_ready), name="worker")
         p.start()
-        return p
+        self.worker, self._worker_started, self._worker_due = p, time.monotonic(), None
 
     @staticmethod
-    def _stop_all(listeners: list[Any]) -> None:
+    def _stop_all(procs: list[Any]) -> None:
+        listeners = [p for p in procs if p is not None]
         for p in listeners:
             if p is not None and p.is_alive():
                 p.terminate()  # SIGTERM: the listener drains and exits
@@ -186,7 +340,7 @@ class Supervisor:
             if p is not None:
                 p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
-                    log.error("listener pid %s did not stop in time; killing it", p.pid)
+                    log.error("%s (pid %s) did not stop in time; killing it", p.name, p.pid)
                     p.kill()
                     p.join()
 

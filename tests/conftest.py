@@ -30,6 +30,13 @@ CALLED_AE = "EDGE"
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hostile", "hostile-client tests (tests/test_hostile.py)")
+    group.addoption("--fuzz-cases", type=int, default=None, metavar="N",
+                    help="mutation fuzzer cases over a captured storescu association (default 2000)")
+    group.addoption("--fuzz-seed", type=int, default=None, metavar="S", help="the fuzzer's seed (default fixed)")
+
+
 def appliance_exe() -> str:
     exe = shutil.which("appliance", path=str(APPLIANCE_EXE.parent))
     if exe is None:

@@ -124,6 +124,157 @@ def test_duplicate_is_success_with_one_copy(receiver: Receiver, store: Store) ->
     assert list(store.spool.incoming.iterdir()) == []
 
 
+# -- re-sent instances: identical duplicates and conflicting copies ----------------------------------------
+
+
+def _stored(store: Store, ds) -> Path:  # type: ignore[no-untyped-def]
+    return store.spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def _complete(store: Store, series_uid: str) -> None:
+    with store.index.transaction() as c:
+        c.execute("UPDATE series SET state = 'done', state_changed = 1, state_reason = 'test' WHERE series_uid = ?",
+                  (series_uid,))
+
+
+def _changed(ds):  # type: ignore[no-untyped-def]
+    """The same SOP Instance UID with other content (a corrected re-send)."""
+    from copy import deepcopy
+
+    other = deepcopy(ds)
+    other.PixelData = bytes(len(ds.PixelData))
+    other.SeriesDescription = "corrected"
+    return other
+
+
+def test_identical_resend_from_another_caller_is_a_plain_duplicate(receiver: Receiver, store: Store) -> None:
+    """The file meta holds the calling AE title, so the stored file differs; the data set does not."""
+    ds = new_ds()
+    payload = encode(ds)
+    assert send(receiver, payload, CT_IMAGE_STORAGE, ds.SOPInstanceUID, calling_ae="CT01").status == StoreStatus.SUCCESS
+    _complete(store, ds.SeriesInstanceUID)
+    before = _stored(store, ds).read_bytes()
+    again = send(receiver, payload, CT_IMAGE_STORAGE, ds.SOPInstanceUID, calling_ae="A_LONGER_TITLE")
+    assert again.status == StoreStatus.SUCCESS and again.duplicate
+    assert _stored(store, ds).read_bytes() == before
+    counters = store.index.counters()
+    assert counters[("ingest_duplicate_instances", "")] == 1
+    assert not [k for k in counters if k[0] == "ingest_conflicting_instances"]
+    assert store.index.list_series()[0]["state"] == "done", "an identical re-send must not re-open the series"
+
+
+def test_conflicting_resend_is_kept_counted_and_logged(receiver: Receiver, store: Store,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    ds = new_ds()
+    store.index.open_association("a2", "CT02", "10.1.2.3:4100")
+    assert send(receiver, encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID).status == StoreStatus.SUCCESS
+    _complete(store, ds.SeriesInstanceUID)
+    before = _stored(store, ds).read_bytes()
+    with caplog.at_level("WARNING", logger="appliance.ingest"):
+        out = send(receiver, encode(_changed(ds)), CT_IMAGE_STORAGE, ds.SOPInstanceUID, calling_ae="CT02",
+                   assoc="a2")
+    assert out.status == StoreStatus.SUCCESS and out.duplicate
+    assert _stored(store, ds).read_bytes() == before, "keep: the stored copy must stay byte for byte"
+    counters = store.index.counters()
+    assert counters[("ingest_conflicting_instances", "kept")] == 1
+    assert ("ingest_duplicate_instances", "") not in counters
+    [rec] = [r for r in caplog.records if "different from the stored copy" in r.getMessage()]
+    assert rec.levelname == "WARNING"
+    assert "CT02" in rec.getMessage() and "10.1.2.3:4100" in rec.getMessage() and ds.SOPInstanceUID in rec.getMessage()
+    series = store.index.list_series()[0]
+    assert (series["state"], series["instances"], series["reopened"]) == ("done", 1, 0)
+    assert list(store.spool.incoming.iterdir()) == []
+
+
+def test_conflicting_resend_of_same_length_is_found(receiver: Receiver, store: Store) -> None:
+    """Same length, one pixel different: the bytes are compared, not only the sizes."""
+    ds = new_ds()
+    assert send(receiver, encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID).status == StoreStatus.SUCCESS
+    other = _changed(ds)
+    other.SeriesDescription = ds.SeriesDescription
+    pixels = bytearray(ds.PixelData)
+    pixels[-1] ^= 0xFF
+    other.PixelData = bytes(pixels)
+    assert len(encode(other)) == len(encode(ds))
+    send(receiver, encode(other), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    assert store.index.counters()[("ingest_conflicting_instances", "kept")] == 1
+
+
+def test_conflicting_resend_replaces_and_reopens_the_series(store: Store) -> None:
+    receiver = Receiver(store, min_free_bytes=0, on_duplicate="replace")
+    ds = new_ds()
+    assert send(receiver, encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID).status == StoreStatus.SUCCESS
+    _complete(store, ds.SeriesInstanceUID)
+    new = encode(_changed(ds), ImplicitVRLittleEndian)
+    out = send(receiver, new, CT_IMAGE_STORAGE, ds.SOPInstanceUID, ts=ImplicitVRLittleEndian, calling_ae="CT02",
+               assoc="a2")
+    assert out.status == StoreStatus.SUCCESS and not out.duplicate
+    path = _stored(store, ds)
+    assert stored_files(store) == [path]
+    data = path.read_bytes()
+    assert dataset_bytes_of_file(data) == new
+    assert dcmread(path).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    [row] = store.index.series_instances(ds.SeriesInstanceUID)
+    assert (row["size"], row["transfer_syntax"], row["association_id"]) == (len(data), ImplicitVRLittleEndian, "a2")
+    series = store.index.list_series()[0]
+    assert (series["state"], series["instances"], series["bytes"], series["reopened"]) == (
+        "receiving", 1, len(data), 1)
+    assert "replaced" in series["state_reason"]
+    assert [e["to_state"] for e in store.index.series_events(ds.SeriesInstanceUID)][-1] == "receiving"
+    assert store.index.counters()[("ingest_conflicting_instances", "replaced")] == 1
+    assert list(store.spool.incoming.iterdir()) == []
+    # The same new copy once more: now a plain duplicate, and nothing re-opens.
+    _complete(store, ds.SeriesInstanceUID)
+    again = send(receiver, new, CT_IMAGE_STORAGE, ds.SOPInstanceUID, ts=ImplicitVRLittleEndian)
+    assert again.duplicate and store.index.list_series()[0]["state"] == "done"
+    assert store.index.counters()[("ingest_duplicate_instances", "")] == 1
+
+
+def test_replacement_moved_to_another_series_reopens_both(store: Store) -> None:
+    receiver = Receiver(store, min_free_bytes=0, on_duplicate="replace")
+    ds = new_ds()
+    send(receiver, encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    keep = new_ds()
+    keep.StudyInstanceUID, keep.SeriesInstanceUID = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    send(receiver, encode(keep), CT_IMAGE_STORAGE, keep.SOPInstanceUID)
+    _complete(store, ds.SeriesInstanceUID)
+    moved = _changed(ds)
+    moved.SeriesInstanceUID = generate_uid()
+    assert send(receiver, encode(moved), CT_IMAGE_STORAGE, ds.SOPInstanceUID).status == StoreStatus.SUCCESS
+    assert not _stored(store, ds).exists()
+    assert _stored(store, moved).exists()
+    by_uid = {s["series_uid"]: s for s in store.index.list_series()}
+    assert by_uid[ds.SeriesInstanceUID]["instances"] == 1 and by_uid[ds.SeriesInstanceUID]["state"] == "receiving"
+    assert by_uid[moved.SeriesInstanceUID]["instances"] == 1
+    assert instance_count(store) == 2
+
+
+def test_race_lost_to_a_different_copy_keeps_row_and_file_consistent(store: Store) -> None:
+    """Two associations deliver different copies at once: ours is renamed over theirs, theirs indexes first."""
+    receiver = Receiver(store, min_free_bytes=0)
+    ds = new_ds()
+    theirs = encode(ds)
+    send(receiver, theirs, CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    real = store.index.has_instance
+    store.index.has_instance = lambda uid: False  # type: ignore[method-assign]  # both saw it missing
+    try:
+        ours = encode(_changed(ds))
+        out = send(receiver, ours, CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    finally:
+        store.index.has_instance = real  # type: ignore[method-assign]
+    assert out.status == StoreStatus.SUCCESS
+    data = _stored(store, ds).read_bytes()
+    assert dataset_bytes_of_file(data) == ours
+    [row] = store.index.series_instances(ds.SeriesInstanceUID)
+    assert row["size"] == len(data), "the row must describe the file on disk"
+    assert store.index.counters()[("ingest_conflicting_instances", "replaced")] == 1
+
+
+def test_receiver_refuses_unknown_duplicate_policy(store: Store) -> None:
+    with pytest.raises(ValueError):
+        Receiver(store, min_free_bytes=0, on_duplicate="merge")
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 
 

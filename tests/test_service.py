@@ -175,3 +175,120 @@ def test_start_waits_for_processes_of_a_killed_run(tmp_path: Path) -> None:
     assert not t.is_alive()
     with open(tmp_path / "processes.lock", "a") as f:  # and it let go afterwards
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -- restart policies: listeners and the worker ---------------------------------------------------------
+
+
+def test_worker_backoff_doubles_is_capped_and_resets_after_a_healthy_run() -> None:
+    from appliance.service import RestartBackoff
+
+    b = RestartBackoff(base=1.0, cap=8.0, healthy_after=60.0)
+    assert [b.delay(lived=0.5) for _ in range(7)] == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert b.delay(lived=120.0) == 0.0  # ran fine for a while: a fresh start
+    assert b.delay(lived=0.1) == 1.0
+
+
+def test_listener_budget_counts_deaths_within_the_window() -> None:
+    from appliance.service import RestartBudget
+
+    budget = RestartBudget(limit=2, window=10.0)
+    assert budget.died(0.0) and budget.died(1.0)
+    assert not budget.died(2.0)
+    assert budget.died(30.0), "deaths older than the window are forgotten"
+
+
+_CRASHING_WORKER_SUPERVISOR = '''
+import os
+import sys
+
+from appliance import logs
+from appliance.config import load_config
+from appliance.service import RestartBackoff, Supervisor
+
+
+def die_at_once(config, ready):
+    os._exit(3)  # a model or driver that kills its process, every time
+
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1])
+    logs.setup(cfg.logging.level)
+    sys.exit(Supervisor(cfg, worker_target=die_at_once,
+                        worker_backoff=RestartBackoff(base=0.05, cap=0.2, healthy_after=60.0)).run())
+'''
+
+
+@pytest.mark.slow
+def test_worker_that_keeps_dying_never_stops_reception(appliance_factory: Any, tmp_path: Path) -> None:
+    """Worker deaths have their own policy: far more of them than the listeners' budget (5 a minute) and
+    the listeners still receive; the appliance still stops cleanly."""
+    import sys
+
+    from appliance.service import MAX_RESTARTS
+
+    script = tmp_path / "hook" / "crashing_worker.py"  # not next to the appliance's root dir (named "appliance")
+    script.parent.mkdir()
+    script.write_text(_CRASHING_WORKER_SUPERVISOR)
+    app = appliance_factory(start=False)
+    log = open(app.log_path, "ab")
+    log.write(b"\n===== start 1 =====\n")
+    log.flush()
+    app.proc = subprocess.Popen([sys.executable, str(script), str(app.config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=app.root)
+    log.close()
+    app.starts = 1
+    app._wait_ready(60)
+
+    def deaths() -> int:
+        return app.log_text().count("inference worker (pid")
+
+    deadline = time.monotonic() + 90
+    while deaths() <= MAX_RESTARTS + 2 and time.monotonic() < deadline:
+        assert app.running, app.log_tail()
+        time.sleep(0.2)
+    assert deaths() > MAX_RESTARTS + 2, app.log_tail()
+    series = make_series(tmp_path / "series", 5, rows=16, cols=16)
+    res = subprocess.run([need_tool("storescu"), "-v", "-xs", "+sd", "+r", "-aet", "MODALITY", "-aec", CALLED_AE,
+                          "127.0.0.1", str(app.port), str(tmp_path / "series")],
+                         capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    statuses = parse_storescu(res.stdout + res.stderr)
+    assert len(statuses) == len(series) and set(statuses.values()) == {"Success"}, res.stdout[-2000:]
+    assert app.running
+    text = app.log_text()
+    assert "keep dying" not in text and "giving up" not in text
+    assert "restarting it in" in text, "repeated deaths are backed off"
+    assert "allowed_callers is empty" not in text, "bound to 127.0.0.1: no open-access warning"
+    assert app.terminate() == 0, app.log_tail()
+
+
+# -- open access warning --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bind,callers,warns", [
+    ("0.0.0.0", [], True),
+    ("::", [], True),
+    ("", [], True),
+    ("0.0.0.0", [{"ae_title": "CT01"}], False),
+    ("127.0.0.1", [], False),
+    ("10.1.2.3", [], False),
+    ("::1", [], False),
+    ("appliance.local", [], False),
+])
+def test_open_access_warning(bind: str, callers: list[dict[str, str]], warns: bool) -> None:
+    from appliance.config import DicomConfig
+    from appliance.service import open_access_warning
+
+    msg = open_access_warning(DicomConfig(bind=bind, allowed_callers=callers))
+    assert (msg is not None) == warns
+    if msg:
+        assert "allowed_callers" in msg and "11112" in msg
+
+
+@pytest.mark.slow
+def test_open_appliance_warns_once_at_start(appliance_factory: Any) -> None:
+    app = appliance_factory(dicom={"bind": "0.0.0.0", "listeners": 2})
+    lines = [line for line in app.log_text().splitlines() if "allowed_callers is empty" in line]
+    assert len(lines) == 1, app.log_tail()
+    assert "WARNING" in lines[0] and "[MainProcess]" in lines[0] and "'0.0.0.0'" in lines[0]

@@ -14,7 +14,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from appliance import IMPLEMENTATION_VERSION_NAME
 from appliance.config import Config
-from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, _file_meta
+from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, file_meta
 from appliance.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES, Ingest, _ContextList
 from appliance.ingest.tuning import encode_store_success
 
@@ -52,7 +52,7 @@ def test_file_meta_matches_pydicom(calling_ae: str) -> None:
     expected = BytesIO()
     expected.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(expected, meta, enforce_standard=True)
-    got = _file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", ExplicitVRLittleEndian, calling_ae)
+    got = file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", ExplicitVRLittleEndian, calling_ae)
     assert got == expected.getvalue()
 
 

@@ -45,6 +45,12 @@ def association_failure(assoc: object, dest: Destination) -> tuple[str, str | No
     return f"association with {where} aborted during negotiation", None
 
 
+def _describe(exc: BaseException) -> str:
+    """``OSError: [Errno 104] Connection reset by peer``: the type says which layer failed."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Sender:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
@@ -85,21 +91,35 @@ class Sender:
                            permanent=True)
             return 0
         datasets: list[tuple[OutboxRow, pydicom.Dataset]] = []
+        contexts: set[tuple[str, str]] = set()
         for row in rows:
             try:
-                datasets.append((row, pydicom.dcmread(self.data_dir / row.path)))
+                ds = pydicom.dcmread(self.data_dir / row.path)
+                context = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 self._fail(row, f"result file {row.path} cannot be read: {exc}", None, permanent=True)
+                continue
+            except Exception as exc:  # a file pydicom chokes on (no SOP Class UID, no file meta...): it stays so
+                self._fail(row, f"result file {row.path} cannot be read: {_describe(exc)}", None, permanent=True)
+                continue
+            datasets.append((row, ds))
+            contexts.add(context)
         if not datasets:
             return 0
 
-        ae = AE(ae_title=self.config.dicom.ae_title)
-        t = self.export.timeout_seconds
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = t
-        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
-        for sop_class, ts in sorted(contexts)[:128]:
-            ae.add_requested_context(sop_class, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        try:
+            ae = AE(ae_title=self.config.dicom.ae_title)
+            t = self.export.timeout_seconds
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = t
+            for sop_class, ts in sorted(contexts)[:128]:
+                ae.add_requested_context(sop_class,
+                                         list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        except Exception as exc:  # e.g. a host name that does not resolve: an attempt like any other
+            detail = f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}: {_describe(exc)}"
+            for row, _ in datasets:
+                self._fail(row, detail, None)
+            return 0
         if not assoc.is_established:
             detail, status = association_failure(assoc, dest)
             for row, _ in datasets:
@@ -112,8 +132,15 @@ class Sender:
                     break  # the rest stay pending, due now: sent after the restart
                 try:
                     rsp = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError) as exc:  # e.g. no accepted context for this SOP class
-                    self._fail(row, f"cannot send to {dest.ae_title}: {exc}", None)
+                except Exception as exc:  # no accepted context for this SOP class, a socket error, a bug...
+                    # Every failure is an attempt: recorded, backed off, a dead letter after max_attempts.
+                    self._fail(row, f"cannot send to {dest.ae_title}: {_describe(exc)}", None)
+                    if not assoc.is_established:  # the association went with it: the rest wait for the next one
+                        detail = (f"association with {dest.ae_title}@{dest.host}:{dest.port} ended by an earlier "
+                                  f"failure ({type(exc).__name__})")
+                        for other, _ in datasets[i + 1:]:
+                            self._fail(other, detail, None)
+                        break
                     continue
                 if not rsp or "Status" not in rsp:
                     detail = (f"no C-STORE response from {dest.ae_title}@{dest.host}:{dest.port} (association "
@@ -129,7 +156,10 @@ class Sender:
                     self._fail(row, f"{dest.ae_title} refused the object: {status_text(code)}", f"0x{code:04X}")
         finally:
             if assoc.is_established:
-                assoc.release()
+                try:
+                    assoc.release()
+                except Exception:  # the peer is gone: nothing to release, every attempt is recorded already
+                    log.debug("release of the association with %s failed", dest.ae_title, exc_info=True)
         if sent:
             log.info("sent %d object(s) to %s (%s@%s:%d)", sent, name, dest.ae_title, dest.host, dest.port)
         return sent

@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance import logs
 from appliance.config import Config
+from appliance.ingest.guard import Limits, end_connection, guard_pynetdicom
 from appliance.ingest.receiver import Receiver
 from appliance.ingest.scp import AssociationSlots, Ingest
 from appliance.ingest.tuning import quiet_pydicom_validation, tune_pynetdicom
@@ -36,9 +37,17 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
 
     store = Store.open(config.storage.data_dir)
     alive = hold_processes_lock(store.data_dir)  # noqa: F841 (held until this process exits)
+    d = config.dicom
+    guard_pynetdicom(Limits(
+        max_pdu=d.max_pdu_size, max_association_pdu=d.max_association_pdu, network_timeout=d.network_timeout,
+        acse_timeout=d.acse_timeout, memory_instance_bytes=d.memory_instance_bytes,
+        max_instance_bytes=d.max_instance_bytes, spill_dir=str(store.spool.incoming),
+        on_violation=lambda kind: store.index.count("ingest_protocol_errors", kind),
+    ))
     tune_pynetdicom()
     quiet_pydicom_validation()
-    receiver = Receiver(store, config.storage.min_free_bytes)
+    receiver = Receiver(store, config.storage.min_free_bytes, on_duplicate=config.storage.on_duplicate)
+    receiver.max_inflated = d.max_instance_bytes
     ingest = Ingest(config, receiver, slots, slot)
     ae = ingest.make_ae()
     server = ingest.make_server(ae, sock)
@@ -53,10 +62,7 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
     server.shutdown()
     assocs = list(server.active_associations)
     for assoc in assocs:
-        try:
-            assoc.abort()
-        except Exception:  # the peer may already be gone
-            pass
+        end_connection(assoc)  # A-ABORT if established; a connection still negotiating is just closed
     deadline = time.monotonic() + DRAIN_SECONDS  # one budget for all, not one each
     for assoc in assocs:
         assoc.join(max(0.0, deadline - time.monotonic()))

@@ -22,6 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import IMPLEMENTATION_VERSION_NAME
 from appliance.config import Config
+from appliance.ingest.guard import SpilledDataset, on_connection_end
 from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, Receiver
 from appliance.ingest.status import (REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED, StoreStatus)
 
@@ -126,7 +127,7 @@ class Ingest:
         ae.maximum_associations = self.config.dicom.max_associations
         ae.maximum_pdu_size = self.config.dicom.max_pdu_size
         ae.network_timeout = self.config.dicom.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = self.config.dicom.acse_timeout
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
@@ -188,6 +189,9 @@ class Ingest:
                 return
             with self._lock:
                 self._counted.add(id(assoc))
+        # Whatever ends the connection (release, abort, reset, timeout, an exception in a pynetdicom
+        # thread), its slot and its index row are released when the DUL thread is over.
+        on_connection_end(assoc, lambda: self._finish_assoc(assoc, "aborted"))
 
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -202,7 +206,11 @@ class Ingest:
         log.info("association %s from %s (%s:%s) established", aid[:8], req.ae_title.strip(), req.address, req.port)
 
     def _finish(self, event: evt.Event, outcome: str) -> None:
-        key = id(event.assoc)
+        self._finish_assoc(event.assoc, outcome)
+
+    def _finish_assoc(self, assoc: Any, outcome: str) -> None:
+        """Release the association's slot and close its index row, once (later calls do nothing)."""
+        key = id(assoc)
         with self._lock:
             aid = self._ids.pop(key, None)
             counted = key in self._counted
@@ -241,16 +249,17 @@ class Ingest:
         stream = req.DataSet
         with self._lock:
             aid = self._ids.get(id(event.assoc))
-        # A view, not a copy, of the received bytes; released before pynetdicom closes the stream.
-        with (stream.getbuffer() if stream is not None else memoryview(b"")) as data:
-            outcome = self.receiver.store_instance(
-                data,
-                event.context.transfer_syntax,
-                req.AffectedSOPClassUID,
-                req.AffectedSOPInstanceUID,
-                event.assoc.requestor.ae_title,
-                aid,
-            )
+        args = (event.context.transfer_syntax, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+                event.assoc.requestor.ae_title, aid)
+        if isinstance(stream, SpilledDataset):  # too large for memory: it arrived into a file
+            try:
+                outcome = self.receiver.store_instance(stream, *args)
+            finally:
+                stream.discard()  # gone already if it was stored (renamed into the spool)
+        else:
+            # A view, not a copy, of the received bytes; released before pynetdicom closes the stream.
+            with (stream.getbuffer() if stream is not None else memoryview(b"")) as data:
+                outcome = self.receiver.store_instance(data, *args)
         if outcome.status == StoreStatus.SUCCESS:
             return 0x0000
         # A failure carries its reason to the sender's log (Error Comment, at most 64 characters).

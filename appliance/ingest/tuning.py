@@ -11,8 +11,9 @@ association wakes 2000 times a second. Here the same loops wait *for the thing t
 * the Success C-STORE-RSP, sent once per instance, is encoded directly instead of through
   pydicom datasets (other responses take pynetdicom's path),
 
-each with a cap so timers, release and abort are still noticed promptly. Socket reads land in one
-pre-sized buffer (``recv_into``) instead of 4 KiB pieces appended together.
+each with a cap so timers, release and abort are still noticed promptly. Socket reads are not here:
+``guard.py`` replaces pynetdicom's PDU read with a bounded one (larger reads, never sized by the
+peer's claim), whether or not these adjustments are on.
 
 The patches are applied only to the pinned version; for any other the appliance logs that it runs
 pynetdicom unmodified. ``APPLIANCE_PYNETDICOM_TUNING=0`` turns them off (used by the benchmark to
@@ -36,7 +37,6 @@ from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt
-from pynetdicom import transport as _transport
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -95,22 +95,6 @@ def _assoc_wait(assoc: Any, seconds: float) -> None:
     with q.not_empty:
         if not q.queue:
             q.not_empty.wait(ASSOC_WAIT_CAP)
-
-
-def _recv(self: Any, nr_bytes: int) -> bytearray:
-    """Read exactly ``nr_bytes`` (fewer only if the peer closed), into one buffer."""
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    while got < nr_bytes:
-        n = self.socket.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            view.release()
-            del buf[got:]
-            return buf
-        got += n
-    view.release()
-    return buf
 
 
 def _implicit(elem: int, value: bytes) -> bytes:
@@ -230,8 +214,7 @@ def tune_pynetdicom() -> bool:
     _association.Association._run_reactor = assoc_run  # type: ignore[method-assign]
     _dul.time = _ReactorClock()  # type: ignore[assignment]
     _association.time = _ReactorClock()  # type: ignore[assignment]
-    _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     _dimse.DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]
     _applied = True
-    log.debug("pynetdicom %s tuned: event-driven reactor waits, single-buffer socket reads", TUNED_VERSION)
+    log.debug("pynetdicom %s tuned: event-driven reactor waits, direct C-STORE-RSP encoding", TUNED_VERSION)
     return True

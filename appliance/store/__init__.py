@@ -11,6 +11,7 @@ from pathlib import Path
 
 from appliance.errors import StoreError
 from appliance.store.index import COMPLETE, RECEIVING, Index, InstanceRecord, migrate
+from appliance.store.perms import DIR_MODE, create_private_file
 from appliance.store.spool import DiskFullError, Spool, check_uid
 
 __all__ = [
@@ -34,8 +35,10 @@ class Store:
         if not create and not db.exists():
             raise StoreError(f"no appliance data under {data_dir} (no {INDEX_NAME}); is data_dir right?")
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             spool = Spool(data_dir / "spool")
+            if create:
+                create_private_file(db)  # 0640 whatever the umask; SQLite gives -wal and -shm the same mode
         except OSError as exc:
             raise StoreError(f"cannot use data directory {data_dir}: {exc.strerror or exc}") from exc
         if not os.access(data_dir, os.W_OK):

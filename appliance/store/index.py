@@ -198,6 +198,74 @@ class Index:
         except _Duplicate:
             return False
 
+    def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def replace_instance(self, rec: InstanceRecord, association_id: str | None,
+                         now: float | None = None) -> dict[str, Any] | None:
+        """Point an instance's row at a re-sent, different copy, and re-open its series like a late instance.
+
+        One transaction: the old copy leaves its series' counts, the new one enters (the same series, or
+        the one its header now names, both re-opened), the row takes the new path, size and transfer
+        syntax. A re-opened series is routed and processed again; results from the old copy are discarded
+        (``JobQueue.queue_jobs``). Returns the old row (None when it had gone meanwhile: then this is an
+        ordinary new instance). The caller writes the new file so that it is in place when this returns,
+        or right after (see ``Receiver``), and deletes the old file if its path differs.
+        """
+        now = time.time() if now is None else now
+        reason = f"instance {rec.sop_instance_uid} replaced by a different copy: re-opened the series"
+        with self.transaction() as conn:
+            old = conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?",
+                               (rec.sop_instance_uid,)).fetchone()
+            if old is not None:
+                conn.execute("UPDATE series SET instances = instances - 1, bytes = max(0, bytes - ?)"
+                             " WHERE series_uid = ?", (old["size"], old["series_uid"]))
+                if old["series_uid"] != rec.series_uid:
+                    conn.execute(
+                        "UPDATE series SET reopened = reopened + (state <> 'receiving'), last_received = ?,"
+                        "  state_reason = CASE WHEN state <> 'receiving' THEN ? ELSE state_reason END,"
+                        "  state_changed = CASE WHEN state <> 'receiving' THEN ? ELSE state_changed END,"
+                        "  state = 'receiving' WHERE series_uid = ?",
+                        (now, f"instance {rec.sop_instance_uid} moved to another series: re-opened the series",
+                         now, old["series_uid"]))
+            conn.execute(
+                "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
+                " instances, bytes, first_received, last_received, state_changed, state_reason)"
+                " VALUES (?, ?, ?, ?, ?, 'receiving', 1, ?, ?, ?, ?, 'first instance received')"
+                " ON CONFLICT(series_uid) DO UPDATE SET"
+                "  instances = instances + 1, bytes = bytes + excluded.bytes,"
+                "  last_received = excluded.last_received,"
+                "  reopened = reopened + (state <> 'receiving'),"
+                "  state_reason = CASE WHEN state <> 'receiving' THEN ? ELSE state_reason END,"
+                "  state_changed = CASE WHEN state <> 'receiving' THEN excluded.state_changed"
+                "                 ELSE state_changed END,"
+                "  state = 'receiving'",
+                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, rec.size,
+                 now, now, now, reason),
+            )
+            conn.execute(
+                "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
+                " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid,"
+                "  series_uid = excluded.series_uid, study_uid = excluded.study_uid,"
+                "  transfer_syntax = excluded.transfer_syntax, path = excluded.path, size = excluded.size,"
+                "  received_at = excluded.received_at, association_id = excluded.association_id",
+                (rec.sop_instance_uid, rec.sop_class_uid, rec.series_uid, rec.study_uid, rec.transfer_syntax,
+                 rec.path, rec.size, now, association_id),
+            )
+            if association_id is not None:
+                conn.execute("INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)",
+                             (rec.series_uid, association_id))
+        return dict(old) if old is not None else None
+
+    def association_peer(self, association_id: str | None) -> str | None:
+        """``host:port`` of an association's caller, as recorded when it was established."""
+        if association_id is None:
+            return None
+        row = self.conn.execute("SELECT peer FROM associations WHERE id = ?", (association_id,)).fetchone()
+        return row[0] if row is not None else None
+
     def open_association(self, association_id: str, calling_ae: str, peer: str) -> None:
         with self.transaction() as c:
             c.execute(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from appliance.errors import StoreError
+from appliance.store.perms import create_private_file
 
 log = logging.getLogger("appliance.store")
 
@@ -27,6 +28,7 @@ PREVIOUS_RUN_WAIT = 120.0
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
+    create_private_file(data_dir / APPLIANCE_LOCK)
     f = open(data_dir / APPLIANCE_LOCK, "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -43,6 +45,7 @@ def wait_for_previous_run(data_dir: Path, timeout: float = PREVIOUS_RUN_WAIT) ->
 
     Convert it to shared (``fcntl.flock(f, LOCK_SH)``) when recovery is done.
     """
+    create_private_file(data_dir / PROCESSES_LOCK)
     f = open(data_dir / PROCESSES_LOCK, "a")
     deadline = time.monotonic() + timeout
     warned = False
@@ -63,6 +66,7 @@ def wait_for_previous_run(data_dir: Path, timeout: float = PREVIOUS_RUN_WAIT) ->
 
 def hold_processes_lock(data_dir: Path) -> IO[str]:
     """Called by every child process; keep the returned file open for the life of the process."""
+    create_private_file(data_dir / PROCESSES_LOCK)
     f = open(data_dir / PROCESSES_LOCK, "a")
     fcntl.flock(f, fcntl.LOCK_SH)
     return f

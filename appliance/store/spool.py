@@ -78,8 +78,8 @@ class Spool:
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
         self._seq = itertools.count()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.incoming.mkdir(exist_ok=True)
+        self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.incoming.mkdir(mode=0o750, exist_ok=True)
 
     @staticmethod
     def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
@@ -121,6 +121,53 @@ class Spool:
             raise
         return size
 
+    def adopt(self, tmp: str, relpath: str) -> None:
+        """Move a complete, already fsynced file from the incoming directory to ``relpath``, durably.
+
+        For data sets that arrived too large for memory and were written there as they came.
+        """
+        final = f"{self._root}/{relpath}"
+        try:
+            parent = final[: final.rindex("/")]
+            self._ensure_dir(parent)
+            os.rename(tmp, final)
+            fsync_dir(parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
+            raise StoreError(f"cannot store {final}: {exc.strerror or exc}") from exc
+
+    def stage(self, chunks: Sequence[bytes | memoryview]) -> str:
+        """Write ``chunks`` durably to a new ``.part`` file in the incoming directory; returns its path.
+
+        For a file that must be complete on disk before the index changes but placed only after
+        (a replacement, see ``Receiver``): :meth:`adopt` moves it into place, :meth:`discard` drops it.
+        A crash leaves a ``.part`` file that the next start removes.
+        """
+        tmp = f"{self._incoming}/{os.getpid()}-{next(self._seq)}{PART_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            try:
+                _write_all(fd, chunks)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
+            raise StoreError(f"cannot write {tmp}: {exc.strerror or exc}") from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
+
+    @staticmethod
+    def discard(tmp: str) -> None:
+        """Drop a staged file that will not be placed."""
+        _unlink_quietly(tmp)
+
     def remove(self, relpath: str) -> None:
         """Delete a spool file durably (a write whose index row never committed)."""
         path = f"{self._root}/{relpath}"
@@ -141,7 +188,7 @@ class Spool:
                 p = os.path.dirname(p)
             for d in reversed(missing):
                 try:
-                    os.mkdir(d)
+                    os.mkdir(d, 0o750)
                 except FileExistsError:
                     pass
                 fsync_dir(os.path.dirname(d))  # the new directory entry itself must survive a power cut
