@@ -272,3 +272,30 @@ def test_data_set_fragment_before_any_command_is_aborted(shared_appliance: Any) 
         time.sleep(0.05)
     assert assoc.is_aborted
     assert "data set fragment before its command set" in shared_appliance.log_text()
+
+
+@pytest.mark.slow
+def test_idle_and_garbage_connections_never_take_a_real_senders_place(appliance_factory: Any) -> None:
+    """pynetdicom's own limit counts every connection's thread; ours counts associations only."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    app = appliance_factory(dicom={"max_associations": 2, "listeners": 2, "acse_timeout": 60.0})
+    idle = [socket.create_connection(("127.0.0.1", app.port), timeout=5) for _ in range(10)]
+    for _ in range(6):  # violations before any association: their threads must end at once
+        with socket.create_connection(("127.0.0.1", app.port), timeout=5) as s:
+            s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))
+            _read_abort(s)
+    try:
+        held = []
+        for _ in range(2):
+            ae = pynetdicom_ae()
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", app.port, ae_title="EDGE")
+            held.append(assoc)
+        assert all(a.is_established for a in held), "a real sender was refused while idle sockets were open"
+        assert all(a.send_c_echo().Status == 0 for a in held)
+        for a in held:
+            a.release()
+    finally:
+        for s in idle:
+            s.close()

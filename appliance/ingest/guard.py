@@ -428,9 +428,40 @@ def _dul_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
     return run_reactor
 
 
+def _await_request(assoc: Any) -> bool:
+    """Start the DUL and wait for the peer's A-ASSOCIATE-RQ; False if the connection ended first.
+
+    pynetdicom's acceptor waits for the request for the full ACSE timeout even when the connection
+    is already gone (a violation, a reset, a port scan), and every such waiting thread counts as an
+    open association in its own limit. Here the wait ends as soon as the reader thread does.
+    """
+    dul = assoc.dul
+    if not assoc._started_dul:
+        dul.start()
+        assoc._started_dul = True
+        assoc._dul_ready.wait()
+    deadline = time.monotonic() + (_limits.acse_timeout or 30.0)
+    q = dul.to_user_queue
+    while True:
+        with q.not_empty:
+            if q.queue:
+                return True
+            q.not_empty.wait(0.05)
+        if q.queue:
+            return True
+        if not dul.is_alive() or time.monotonic() >= deadline:
+            return False
+
+
 def _assoc_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
     def run_reactor(self: Any) -> None:
         try:
+            if self.is_acceptor and not _await_request(self):
+                if self.dul.is_alive():  # no request within acse_timeout: drop the connection (as ARTIM does)
+                    _close_quietly(self.dul)
+                    self.dul._kill_thread = True
+                self._kill = True
+                return
             orig(self)
         except Exception as exc:
             log.warning("association from %s ended on an unexpected condition: %s: %s",

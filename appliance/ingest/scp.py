@@ -11,6 +11,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -78,6 +79,10 @@ class SharedSocketServer(ThreadedAssociationServer):
     daemon_threads = True
     request_queue_size = 64
     inherited_socket: socket.socket | None = None
+    #: Connections (negotiating or associated) one listener serves at once; more are closed on accept.
+    #: Each costs two threads, so a flood of connections that never associate cannot exhaust them.
+    max_connections: int = 0
+    _last_refusal_log = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,6 +96,18 @@ class SharedSocketServer(ThreadedAssociationServer):
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.max_connections and live_acceptors() >= self.max_connections:
+            now = time.monotonic()
+            if now - self._last_refusal_log > 10.0:  # one line per flood, not one per connection
+                log.warning("connection from %s closed: this listener already serves %d connections "
+                            "(max_associations + %d negotiating)", client_address[0], self.max_connections,
+                            PENDING_CONNECTIONS)
+                self._last_refusal_log = now
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
     def server_close(self) -> None:
         # Only this process's descriptor: shutdown() would stop the other listeners accepting too.
         self.socket.close()
@@ -100,6 +117,17 @@ class SharedSocketServer(ThreadedAssociationServer):
         # never joined; stop serving and close, nothing more.
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+
+
+#: Connections per listener beyond max_associations that may be negotiating (or idle before it) at once.
+PENDING_CONNECTIONS = 64
+
+
+def live_acceptors() -> int:
+    """Association threads serving a peer in this process, whatever their state."""
+    from pynetdicom.association import Association
+
+    return sum(1 for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor and t.is_alive())
 
 
 class Ingest:
@@ -124,7 +152,10 @@ class Ingest:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.require_called_aet = True
-        ae.maximum_associations = self.config.dicom.max_associations
+        # Our cross-process slots are the limit on associations. pynetdicom's own per-process check
+        # counts every connection's thread, idle ones never associated included, so it would refuse
+        # real senders while scanners hold sockets open: it is set past what a listener ever serves.
+        ae.maximum_associations = self.config.dicom.max_associations + PENDING_CONNECTIONS
         ae.maximum_pdu_size = self.config.dicom.max_pdu_size
         ae.network_timeout = self.config.dicom.network_timeout
         ae.acse_timeout = self.config.dicom.acse_timeout
@@ -146,7 +177,8 @@ class Ingest:
         ]
 
     def make_server(self, ae: AE, sock: socket.socket) -> SharedSocketServer:
-        server_class = type("ListenerServer", (SharedSocketServer,), {"inherited_socket": sock})
+        server_class = type("ListenerServer", (SharedSocketServer,), {
+            "inherited_socket": sock, "max_connections": self.config.dicom.max_associations + PENDING_CONNECTIONS})
         return ae.make_server(sock.getsockname()[:2], evt_handlers=self.handlers(), server_class=server_class)
 
     # -- association policy ------------------------------------------------------------------------
