@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -309,6 +310,86 @@ class Receiver:
             raise BenchError(f"{self.name} exited with status {self.proc.returncode}{hint}; log: {log_tail(self.log)}")
 
 
+class ListenerRss:
+    """Samples the resident memory (VmRSS) of the appliance's listener processes while a send runs.
+
+    The listeners are the supervisor's children that hold its listening socket (the inference worker
+    does not). ``peak_mb`` is the largest single listener's VmRSS seen since :meth:`start`; each
+    listener's own kernel-kept peak (VmHWM, since it started) is read at :meth:`stop` too, so a spike
+    between two samples is not missed.
+    """
+
+    INTERVAL_S = 0.02
+
+    def __init__(self, supervisor_pid: int, port: int) -> None:
+        self.supervisor_pid, self.port = supervisor_pid, port
+        self.peak_mb: float | None = None
+        self.hwm_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _status_mb(pid: int, key: str) -> float | None:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def listener_pids(self) -> list[int]:
+        want = f":{self.port:04X}"
+        inode = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                for line in Path(table).read_text().splitlines()[1:]:
+                    f = line.split()
+                    if f[1].endswith(want) and f[3] == "0A":
+                        inode = f[9]
+            except OSError:
+                continue
+        if inode is None:
+            return []
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != self.supervisor_pid:
+                    continue
+                if any(os.readlink(fd) == f"socket:[{inode}]" for fd in (d / "fd").iterdir()):
+                    pids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return pids
+
+    def _run(self) -> None:
+        pids = self.listener_pids()
+        while True:
+            for pid in pids:
+                mb = self._status_mb(pid, "VmRSS")
+                if mb is not None and (self.peak_mb is None or mb > self.peak_mb):
+                    self.peak_mb = mb
+            if self._stop.wait(self.INTERVAL_S):
+                break
+
+    def start(self) -> "ListenerRss":
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for pid in self.listener_pids():
+            hwm = self._status_mb(pid, "VmHWM")
+            if hwm is not None:
+                self.hwm_mb[pid] = hwm
+        return self.peak_mb
+
+
 def start_appliance(children: Children, exe: Path, work: Path, listeners: int = 0) -> Receiver:
     port = free_port()
     cfg = work / "appliance.toml"
@@ -398,13 +479,18 @@ class Send:
     returncodes: list[int | None]
     ok: bool
     error: str | None = None
+    #: Largest resident memory of one appliance listener process during this send (MB; None for the others).
+    listener_peak_rss_mb: float | None = None
 
 
 def send(children: Children, storescu: str, rcv: Receiver, folders: list[Path], expected: int, logdir: Path,
-         tag: str) -> tuple[float, int, list[int | None], str | None]:
+         tag: str, rss: ListenerRss | None = None) -> tuple[float, int, list[int | None], str | None]:
     """Start one storescu per folder at once (one association each) and time until all have finished.
-    Returns (seconds, instances acknowledged with Success, exit codes, error or None)."""
+    Returns (seconds, instances acknowledged with Success, exit codes, error or None). With ``rss``, the
+    listeners' resident memory is sampled meanwhile (read it from ``rss.peak_mb``)."""
     rcv.check_alive()
+    if rss is not None:
+        rss.start()
     logs = [logdir / f"{tag}-{k}.log" for k in range(len(folders))]
     t0 = time.perf_counter()
     procs = [children.start([storescu, "-v", "-xs", "+sd", "+r", "-aet", CALLING_AET, "-aec", rcv.aec,
@@ -419,6 +505,8 @@ def send(children: Children, storescu: str, rcv: Receiver, folders: list[Path], 
             error = f"storescu still running after {SEND_TIMEOUT_S:.0f}s; killed"
             break
     seconds = time.perf_counter() - t0
+    if rss is not None:
+        rss.stop()
     for p in procs:
         if p.returncode is None:
             children.stop(p, timeout=5.0)
@@ -565,6 +653,7 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
     progress("receivers up and warmed")
 
     sends: list[Send] = []
+    listener_hwm: dict[int, float] = {}  # listener pid -> VmHWM (its peak since it started), last read
     for rnd in range(args.rounds):
         for n in args.assoc_counts:
             root = work / f"series-r{rnd}-a{n}"
@@ -573,9 +662,13 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
             order = RECEIVERS[k:] + RECEIVERS[:k]
             for pos, name in enumerate(order):
                 settle()
+                rss = ListenerRss(app.proc.pid, app.port) if name == "appliance" else None
                 secs, acked, codes, err = send(children, storescu, by_count[n][name], folders, args.slices, logs,
-                                               f"r{rnd}-a{n}-{name}")
-                s = Send(name, n, rnd, pos, secs, acked, args.slices, codes, err is None, err)
+                                               f"r{rnd}-a{n}-{name}", rss)
+                s = Send(name, n, rnd, pos, secs, acked, args.slices, codes, err is None, err,
+                         rss.peak_mb if rss is not None else None)
+                if rss is not None:
+                    listener_hwm.update(rss.hwm_mb)
                 sends.append(s)
                 if err:
                     progress(f"round {rnd + 1}/{args.rounds}, {n} assoc, {name}: FAILED after {secs:.2f}s: {err}")
@@ -600,8 +693,11 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
         per = {name: stats([s.seconds for s in sends if s.ok and s.receiver == name and s.associations == n])
                for name in RECEIVERS}
         med: dict[str, float | None] = {name: per[name]["median"] for name in RECEIVERS}
+        peaks = [s.listener_peak_rss_mb for s in sends
+                 if s.receiver == "appliance" and s.associations == n and s.listener_peak_rss_mb is not None]
         results[f"{n}"] = {
             "seconds": per,
+            "appliance_listener_peak_rss_mb": max(peaks) if peaks else None,
             "ratios": {"appliance/orthanc": ratio(med["appliance"], med["orthanc"]),
                        "appliance/storescp": ratio(med["appliance"], med["storescp"])},
             "goal_appliance/orthanc": GOALS.get(n),
@@ -626,6 +722,14 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
                  "loadavg_end": os.getloadavg()},
         "results": results,
         "stored_check": stored,
+        "appliance_listener_rss": {
+            "peak_rss_mb": max((s.listener_peak_rss_mb for s in sends if s.listener_peak_rss_mb is not None),
+                               default=None),
+            "vmhwm_mb": {str(pid): mb for pid, mb in sorted(listener_hwm.items())},
+            "how": f"VmRSS of each listener process sampled every {ListenerRss.INTERVAL_S * 1000:.0f} ms during "
+                   "every timed appliance send (the largest single process); VmHWM = each listener's own peak "
+                   "since it started (warm-up included), read after each send",
+        },
         "failed_sends": len(failed),
         "sends": [asdict(s) for s in sends],
     }
@@ -637,12 +741,17 @@ def run(args: argparse.Namespace, children: Children, work: Path) -> tuple[int, 
     out: list[str] = []
     out.append(f"ingest of {args.slices} x {args.size}x{args.size} int16 CT ({mb:.0f} MB of pixels) over loopback, "
                f"seconds per series, {args.rounds} rounds")
-    out.append(f"{'receiver':<10} {'assoc':>5} {'ok':>4} {'min':>7} {'median':>7} {'max':>7}")
+    out.append(f"{'receiver':<10} {'assoc':>5} {'ok':>4} {'min':>7} {'median':>7} {'max':>7} {'peak RSS MB':>12}")
     for n in args.assoc_counts:
         for name in RECEIVERS:
             st = results[f"{n}"]["seconds"][name]
+            # Peak resident memory of one listener process: measured for the appliance only.
+            peak = fmt(results[f"{n}"]["appliance_listener_peak_rss_mb"], 0) if name == "appliance" else "-"
             out.append(f"{name:<10} {n:>5} {st['n']:>4} {fmt(st['min'], 2):>7} {fmt(st['median'], 2):>7} "
-                       f"{fmt(st['max'], 2):>7}")
+                       f"{fmt(st['max'], 2):>7} {peak:>12}")
+    if listener_hwm:
+        out.append("appliance listener VmHWM (peak since start, MB): "
+                   + ", ".join(f"pid {pid} {mb:.0f}" for pid, mb in sorted(listener_hwm.items())))
     for s in failed:
         out.append(f"FAILED: round {s.round + 1}, {s.associations} assoc, {s.receiver}: {s.error}")
     mismatch = False

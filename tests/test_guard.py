@@ -165,7 +165,8 @@ def _read_abort(sock: socket.socket, timeout: float = 5.0) -> bytes:
 @pytest.mark.slow
 @pytest.mark.parametrize(("pdu_type", "length", "kind"), [
     (0x01, 300_000, "oversized_pdu"),        # an A-ASSOCIATE-RQ over max_association_pdu
-    (0x04, 0xFFFFFFF0, "oversized_pdu"),     # a P-DATA-TF claiming ~4 GiB
+    (0x01, 0xFFFFFFF0, "oversized_pdu"),     # one claiming ~4 GiB
+    (0x04, 0xFFFFFFF0, "unexpected_pdu"),    # a P-DATA-TF (claiming ~4 GiB) before any association
     (0x09, 10, "unknown_pdu_type"),
 ])
 def test_pdu_over_its_cap_gets_a_provider_abort_and_a_count(shared_appliance: Any, pdu_type: int,
@@ -176,12 +177,12 @@ def test_pdu_over_its_cap_gets_a_provider_abort_and_a_count(shared_appliance: An
         reply = _read_abort(s)
     # A-ABORT: type 7, length 4, source 2 (service provider), reason 1 (unrecognised) or 6 (invalid value)
     assert reply[:6] == b"\x07\x00\x00\x00\x00\x04" and reply[8] == 0x02, reply
-    assert reply[9] == (0x01 if kind == "unknown_pdu_type" else 0x06)
+    assert reply[9] == {"unknown_pdu_type": 0x01, "unexpected_pdu": 0x02, "oversized_pdu": 0x06}[kind]
     deadline = time.monotonic() + 5
     while _counter(shared_appliance, "ingest_protocol_errors", kind) <= before:
         assert time.monotonic() < deadline, "the violation was not counted"
         time.sleep(0.1)
-    assert "announces" in shared_appliance.log_text() or kind == "unknown_pdu_type"
+    assert kind != "oversized_pdu" or f"announces {length} bytes" in shared_appliance.log_text()
 
 
 def _counter(app: Any, name: str, label: str) -> int:

@@ -213,7 +213,7 @@ def read_pdu(dul: Any) -> None:
     now = time.monotonic()
     deadline = now + _limits.network_timeout
     state = dul.state_machine.current_state
-    if state == "Sta2":  # no association yet: the whole negotiation has acse_timeout from the connect
+    if state in ("Sta1", "Sta2"):  # no association yet: the whole negotiation has acse_timeout from the connect
         started = getattr(dul, "_edge_connected", now)
         deadline = min(deadline, started + _limits.acse_timeout)
     header = bytearray(6)
@@ -232,6 +232,9 @@ def read_pdu(dul: Any) -> None:
     try:
         if pdu_type not in _PDU_NAMES:
             raise ProtocolViolation("unknown_pdu_type", f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNIZED_PDU)
+        if state in ("Sta1", "Sta2") and pdu_type not in (0x01, 0x07):  # before association: a request or an abort
+            raise ProtocolViolation("unexpected_pdu", f"{_PDU_NAMES[pdu_type]} before any A-ASSOCIATE-RQ",
+                                    ABORT_UNEXPECTED_PDU)
         cap = _limits.max_pdu + PDATA_SLACK if pdu_type == 0x04 else _limits.max_association_pdu
         if length > cap:
             raise ProtocolViolation(
@@ -518,6 +521,25 @@ class OneLine(logging.Filter):
         return True
 
 
+#: Events that are our own requests (associate, accept, reject, data, release, abort): once the connection
+#: is closing or gone they are moot, and pynetdicom would raise InvalidEventError on its reader thread.
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+_ENDED_STATES = frozenset({"Sta1", "Sta2", "Sta13"})
+
+
+def _do_action_guarded(orig: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
+    from pynetdicom.fsm import TRANSITION_TABLE
+
+    def do_action(self: Any, event: str) -> None:
+        if (event, self.current_state) not in TRANSITION_TABLE and event in _LOCAL_EVENTS \
+                and self.current_state in _ENDED_STATES:
+            log.debug("association with %s: %s dropped, the connection is %s", peer_of(self.dul), event,
+                      "closing" if self.current_state == "Sta13" else "gone")
+            return
+        orig(self, event)
+    return do_action
+
+
 def guard_pynetdicom(limits: Limits) -> bool:
     """Apply the bounds in this process (idempotent; the limits may be updated); returns whether applied."""
     global _applied, _limits
@@ -533,6 +555,9 @@ def guard_pynetdicom(limits: Limits) -> bool:
         _dul.DULServiceProvider.run_reactor)
     _association.Association.run_reactor = _assoc_run_guarded(  # type: ignore[method-assign]
         _association.Association.run_reactor)
+    from pynetdicom import fsm as _fsm
+
+    _fsm.StateMachine.do_action = _do_action_guarded(_fsm.StateMachine.do_action)  # type: ignore[method-assign]
     _dimse_messages.DIMSEMessage.decode_msg = _decode_msg_guarded(  # type: ignore[method-assign]
         _dimse_messages.DIMSEMessage.decode_msg)
     for handler in logging.getLogger().handlers:

@@ -228,14 +228,22 @@ class Ingest:
     def on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
         aid = uuid.uuid4().hex
-        with self._lock:
-            self._ids[id(assoc)] = aid
         req = assoc.requestor
-        try:
-            self.receiver.store.index.open_association(aid, req.ae_title.strip(), f"{req.address}:{req.port}")
-        except Exception:
-            log.exception("could not record association %s", aid)
-        log.info("association %s from %s (%s:%s) established", aid[:8], req.ae_title.strip(), req.address, req.port)
+        index = self.receiver.store.index
+        # Under the lock, so the row is in the index before any end of the connection closes it: the
+        # reader thread can end (a violation, a reset) while this thread is still negotiating.
+        with self._lock:
+            ended = getattr(assoc, "_edge_finished", False)
+            if not ended:
+                self._ids[id(assoc)] = aid
+            try:
+                index.open_association(aid, req.ae_title.strip(), f"{req.address}:{req.port}")
+                if ended:
+                    index.close_association(aid, "aborted")
+            except Exception:
+                log.exception("could not record association %s", aid)
+        log.info("association %s from %s (%s:%s) established%s", aid[:8], req.ae_title.strip(), req.address,
+                 req.port, ", but its connection had already ended (aborted)" if ended else "")
 
     def _finish(self, event: evt.Event, outcome: str) -> None:
         self._finish_assoc(event.assoc, outcome)
@@ -244,17 +252,19 @@ class Ingest:
         """Release the association's slot and close its index row, once (later calls do nothing)."""
         key = id(assoc)
         with self._lock:
+            assoc._edge_finished = True
             aid = self._ids.pop(key, None)
             counted = key in self._counted
             self._counted.discard(key)
-        if counted and self.slots is not None:
-            with self.slots.get_lock():
-                self.slots[self.slot] -= 1
+            if counted and self.slots is not None:
+                with self.slots.get_lock():
+                    self.slots[self.slot] -= 1
+            if aid is not None:
+                try:
+                    self.receiver.store.index.close_association(aid, outcome)
+                except Exception:
+                    log.exception("could not record the end of association %s", aid)
         if aid is not None:
-            try:
-                self.receiver.store.index.close_association(aid, outcome)
-            except Exception:
-                log.exception("could not record the end of association %s", aid)
             log.info("association %s %s", aid[:8], outcome)
 
     def on_released(self, event: evt.Event) -> None:
@@ -267,9 +277,12 @@ class Ingest:
         # The DUL thread reports the close of a normally released association (action AR-5, in state
         # Sta13 "awaiting transport close" after our A-RELEASE-RP) and can do so before the association
         # thread has fired EVT_RELEASED: that is a release. Any other close (network drop, after a
-        # reject) counts as an abort, so only the idle rule may complete the series.
-        state = getattr(getattr(event.assoc.dul, "state_machine", None), "current_state", None)
-        self._finish(event, "released" if state == "Sta13" else "aborted")
+        # reject) counts as an abort, so only the idle rule may complete the series. Sta13 also follows
+        # an A-ABORT we sent (network timeout): that one is an abort.
+        assoc = event.assoc
+        state = getattr(getattr(assoc.dul, "state_machine", None), "current_state", None)
+        aborted = getattr(assoc, "_sent_abort", False) or getattr(assoc, "is_aborted", False)
+        self._finish(event, "released" if state == "Sta13" and not aborted else "aborted")
 
     # -- DIMSE -------------------------------------------------------------------------------------
 
