@@ -194,11 +194,12 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from appliance.infer.backends import open_backend
-    from appliance.infer.pipeline import run_series, write_outputs
+    from appliance.infer.pipeline import limit_heap_retention, run_series, write_outputs
     from appliance.infer.series_files import find_series
     from appliance.models.package import installed_package
     from appliance.results import build_results
 
+    limit_heap_retention()  # as the worker: freed slab buffers leave the process, the peak follows the budget
     pkg = installed_package(cfg.inference.resolved_models_dir(), args.model)
     files = find_series(Path(args.input_dir), args.series)
     backend = open_backend(pkg, args.backend or cfg.inference.backend, cfg.inference.precision,

@@ -18,7 +18,7 @@ from appliance import logs
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.infer.backends import Backend, open_backend
-from appliance.infer.pipeline import run_series, write_outputs
+from appliance.infer.pipeline import limit_heap_retention, run_series, write_outputs
 from appliance.models.package import ModelPackage, installed_package
 from appliance.store import Store
 from appliance.results import build_results
@@ -82,7 +82,8 @@ class Worker:
         try:
             package, backend = self.backend_for(job.model)
             paths = [self.store.spool.root / r["path"] for r in self.store.index.series_instances(job.series_uid)]
-            result = run_series(paths, package, backend)
+            # In slabs: the worker's peak memory follows [inference] memory_budget_mb, not the series length.
+            result = run_series(paths, package, backend, memory_budget_mb=self.config.inference.memory_budget_mb)
             rel = f"{RESULTS_DIR}/{job.series_uid}/{job.model}"
             out = self.store.data_dir / rel
             write_outputs(result, out)
@@ -138,6 +139,7 @@ class Worker:
 def run_worker(config: Config, ready: Any) -> None:
     """Process entry point: work until SIGTERM."""
     logs.setup(config.logging.level)
+    limit_heap_retention()  # slab buffers go back to the system when freed: the peak stays at the budget
     if config.inference.nice:
         # Receiving comes first: a modality waiting on a C-STORE response must not wait for a model.
         os.nice(config.inference.nice)

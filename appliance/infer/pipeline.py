@@ -1,7 +1,9 @@
 """One series through one model: the code path shared by the worker and ``appliance infer``.
 
-decode -> preprocess -> infer (batches) -> postprocess (scores back to the source grid, argmax, clean-up)
--> measure. Each stage's wall time is recorded; the worker stores them with the job.
+header scan -> per slab of slices: decode + preprocess -> infer (batches) -> scores back to the source grid,
+argmax, compact labels -> clean-up (largest component) -> measure. Each stage's wall time is recorded; the
+worker stores them with the job. Slabs keep the peak memory at ``[inference] memory_budget_mb`` whatever the
+series length (a 3,000-slice series decoded whole would be 3 GB of HU alone).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +24,10 @@ import numpy as np
 from appliance.errors import InferenceError
 from appliance.infer.backends import Backend
 from appliance.infer.measure import measure
-from appliance.infer.postprocess import keep_largest_component
-from appliance.infer.preprocess import batch_input, model_grid, scores_to_labels, to_model_grid
-from appliance.infer.volume import Volume, load_volume
+from appliance.infer.labelmap import LabelMap
+from appliance.infer.postprocess import keep_largest_component_map
+from appliance.infer.preprocess import context_indices, model_grid, prepare_slices, scores_to_labels
+from appliance.infer.volume import Volume, scan_series
 from appliance.models.package import ModelPackage
 from appliance.store.spool import write_atomic
 
@@ -31,58 +36,166 @@ log = logging.getLogger("appliance.infer")
 Progress = Callable[[str, int, int], None]
 
 
+#: Slices per inference slab at most: beyond this a slab only costs memory (the context slices decoded
+#: twice per slab boundary are already under 1 % of the work).
+MAX_SLAB = 256
+#: Bytes per voxel of a post-processing slab window (uint8 labels and mask, int32 components, lookups).
+_POST_BYTES_PER_VOXEL = 12
+
+
 @dataclass
 class SeriesResult:
-    labels: np.ndarray  # (slices, rows, cols) uint8, slices in geometric order
+    labels: LabelMap | np.ndarray  # (slices, rows, cols) uint8, slices in geometric order; compact when run here
     volume: Volume
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def segment_volume(volume: Volume, package: ModelPackage, backend: Backend,
-                   progress: Progress | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """Label map on the source grid for an already decoded volume."""
-    spec = package.input_spec
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    n, rows, cols = volume.hu.shape
-    grid = model_grid(rows, cols, volume.pixel_spacing, spec)
-    prepared = to_model_grid(volume.hu, grid, spec)
-    timings["preprocess"] = time.perf_counter() - t
+def current_rss() -> int:
+    """This process's resident memory in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
-    labels = np.empty((n, rows, cols), dtype=np.uint8)
+
+#: glibc mallopt parameter: allocations at least this big are mmapped (and so returned on free).
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): the allocator's defaults stay
+        return None
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> None:
+    """Make glibc return big freed blocks to the system at once (process-wide; called by the worker and
+    ``appliance infer`` at start).
+
+    glibc raises its mmap threshold to the size of each big block freed (up to 32 MB), after which slab
+    buffers (8-16 MB each) come from the heap and stay resident once freed: ~100 MB at 300 slices and
+    more with the series. A fixed 1 MB threshold keeps them mmapped; the cost is a page fault per page
+    of each new buffer, small against resampling it.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``) between stages."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@dataclass(frozen=True)
+class SlabPlan:
+    """How a series is cut along z so that its peak memory follows the budget, not its length."""
+
+    #: Slices predicted per inference slab (a multiple of the batch, so batches are the whole volume's).
+    infer: int
+    #: Slices per post-processing / measurement window.
+    post: int
+
+
+def plan_slabs(shape: tuple[int, int, int], padded: tuple[int, int], batch: int, memory_budget_mb: int,
+               rss: int | None = None) -> SlabPlan:
+    """Slab sizes for a series of ``shape`` on a model grid of ``padded`` pixels.
+
+    What the process already holds (interpreter, libraries, the opened model: ``rss``) is taken off the
+    budget; half of the rest is for the slab working set, the other half for what does not shrink with the
+    slab (the backend's activations, the compact label map, slice headers, the result objects).
+    """
+    n, rows, cols = shape
+    held = current_rss() if rss is None else rss
+    work = max(64 << 20, (int(memory_budget_mb) << 20) - held) // 2
+    # Per predicted slice: its prepared model input (float32) and its dense labels until compacted.
+    per_slice = padded[0] * padded[1] * 4 + rows * cols
+    infer = max(batch, min(MAX_SLAB, work // max(1, per_slice)) // batch * batch)
+    post = int(max(1, min(64, work // max(1, _POST_BYTES_PER_VOXEL * rows * cols))))
+    return SlabPlan(infer=int(min(infer, max(batch, -(-n // batch) * batch))), post=post)
+
+
+def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, progress: Progress | None = None,
+                   memory_budget_mb: int = 1024, plan: SlabPlan | None = None) -> tuple[LabelMap, dict[str, float]]:
+    """Label map on the source grid, a slab of slices at a time.
+
+    Each slab's slices and their context neighbours (the manifest's channels) are decoded and resampled a
+    few at a time (``prepare_slices``), predicted in the same batches as on the whole series, and kept as
+    compact labels; HU and model input never exist for more than one slab. The labels are exactly those of
+    the whole series at once: every slice is resampled on its own and sees the same neighbours.
+    """
+    spec = package.input_spec
+    n, rows, cols = volume.shape
+    grid = model_grid(rows, cols, volume.pixel_spacing, spec)
     batch = package.manifest.input.opt_batch
-    t_infer = t_post = 0.0
-    for start in range(0, n, batch):
-        stop = min(n, start + batch)
+    plan = plan or plan_slabs(volume.shape, grid.padded, batch, memory_budget_mb)
+    half = spec.channels // 2
+    context = context_indices(n, spec.channels)
+    labels = LabelMap((n, rows, cols))
+    t_read = t_prep = t_infer = t_post = 0.0
+    for z0 in range(0, n, plan.infer):
+        z1 = min(n, z0 + plan.infer)
+        c0, c1 = max(0, z0 - half), min(n, z1 + half)
         t = time.perf_counter()
-        scores = backend.run(batch_input(prepared, start, stop, spec.channels))
-        t_infer += time.perf_counter() - t
-        t = time.perf_counter()
-        if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != prepared.shape[1:]:
-            raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
-                                 f"{(stop - start, spec.channels, *prepared.shape[1:])}")
-        labels[start:stop] = scores_to_labels(scores, grid)
-        t_post += time.perf_counter() - t
+        prepared, read_s, resample_s = prepare_slices(volume.read_hu, c0, c1, grid, spec)
+        wall = time.perf_counter() - t
+        # The threads read and resample at once; their wall time is split in proportion to what each did.
+        share = read_s / (read_s + resample_s) if read_s + resample_s > 0 else 0.0
+        t_read += wall * share
+        t_prep += wall * (1.0 - share)
         if progress:
-            progress("infer", stop, n)
+            progress("decode", z1, n)
+        slab = np.empty((z1 - z0, rows, cols), dtype=np.uint8)
+        for start in range(z0, z1, batch):
+            stop = min(z1, start + batch)
+            t = time.perf_counter()
+            scores = backend.run(np.ascontiguousarray(prepared[context[start:stop] - c0]))
+            t_infer += time.perf_counter() - t
+            t = time.perf_counter()
+            if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != prepared.shape[1:]:
+                raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
+                                     f"{(stop - start, spec.channels, *prepared.shape[1:])}")
+            scores_to_labels(scores, grid, out=slab[start - z0:stop - z0])
+            t_post += time.perf_counter() - t
+            if progress:
+                progress("infer", stop, n)
+        t = time.perf_counter()
+        labels.set_slab(z0, slab)
+        t_post += time.perf_counter() - t
+        del prepared, slab
     t = time.perf_counter()
     keep = package.manifest.postprocess.largest_component
     if keep:
-        labels = keep_largest_component(labels, keep)
-    timings["infer"] = t_infer
-    timings["postprocess"] = t_post + time.perf_counter() - t
+        keep_largest_component_map(labels, keep, plan.post)
+    timings = {"decode": t_read, "preprocess": t_prep, "infer": t_infer,
+               "postprocess": t_post + time.perf_counter() - t}
+    log.debug("series %s: %d slices in slabs of %d (post-processing %d); labels %.1f MB compact",
+              volume.series_uid, n, plan.infer, plan.post, labels.nbytes / 1e6)
     return labels, timings
 
 
-def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend,
-               progress: Progress | None = None) -> SeriesResult:
-    """Decode ``paths`` (one series), segment it and measure the result."""
+def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, progress: Progress | None = None,
+               memory_budget_mb: int = 1024, plan: SlabPlan | None = None) -> SeriesResult:
+    """Read the headers of ``paths`` (one series), then segment it slab by slab and measure the result.
+
+    Peak memory follows ``memory_budget_mb`` (``[inference] memory_budget_mb``), not the series length.
+    """
     t = time.perf_counter()
-    volume = load_volume(paths, progress=(lambda i, k: progress("decode", i, k)) if progress else None)
-    timings = {"decode": time.perf_counter() - t}
-    labels, more = segment_volume(volume, package, backend, progress)
-    timings.update(more)
+    volume = scan_series(paths)
+    t_scan = time.perf_counter() - t
+    if plan is None:
+        grid = model_grid(volume.shape[1], volume.shape[2], volume.pixel_spacing, package.input_spec)
+        plan = plan_slabs(volume.shape, grid.padded, package.manifest.input.opt_batch, memory_budget_mb)
+    labels, timings = segment_volume(volume, package, backend, progress, memory_budget_mb, plan)
+    timings["decode"] += t_scan  # the header scan is part of reading the series
+    trim_heap()  # the slabs' buffers are gone; what results build next then starts from a trimmed heap
     t = time.perf_counter()
     summary = {
         "model": {"name": package.name, "version": package.version, "onnx_sha256": package.onnx_sha256},
@@ -97,7 +210,8 @@ def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend,
             "slice_spacing_mm": volume.slice_spacing,
             "warnings": volume.warnings,
         },
-        **measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing, volume.sop_instance_uids),
+        **measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing, volume.sop_instance_uids,
+                  slab_slices=plan.post),
     }
     timings["measure"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -107,8 +221,24 @@ def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend,
 def write_outputs(result: SeriesResult, out_dir: Path) -> None:
     """``labelmap.npz`` (labels, sop_instance_uids) and ``summary.json``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, labels=result.labels,
-                        sop_instance_uids=np.array(result.volume.sop_instance_uids, dtype=np.str_))
-    write_atomic(out_dir / "labelmap.npz", buf.getvalue())
+    write_atomic(out_dir / "labelmap.npz", labelmap_npz(result.labels, result.volume.sop_instance_uids))
     write_atomic(out_dir / "summary.json", (json.dumps(result.summary, indent=2) + "\n").encode("utf-8"))
+
+
+def labelmap_npz(labels: LabelMap | np.ndarray, sop_instance_uids: Sequence[str], slab_slices: int = 32) -> bytes:
+    """``np.savez_compressed(labels=..., sop_instance_uids=...)`` bytes, the dense labels streamed into the
+    archive ``slab_slices`` at a time: only the compressed file is ever whole in memory."""
+    lm = labels if isinstance(labels, LabelMap) else None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        with zf.open("labels.npy", "w", force_zip64=True) as fid:
+            shape = tuple(int(v) for v in labels.shape)
+            np.lib.format.write_array_header_1_0(fid, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                       "fortran_order": False, "shape": shape})
+            for a in range(0, shape[0], slab_slices):
+                b = min(shape[0], a + slab_slices)
+                part = lm.slab(a, b) if lm is not None else np.ascontiguousarray(labels[a:b], dtype=np.uint8)
+                fid.write(part.tobytes())
+        with zf.open("sop_instance_uids.npy", "w", force_zip64=True) as fid:
+            np.lib.format.write_array(fid, np.array(list(sop_instance_uids), dtype=np.str_), allow_pickle=False)
+    return buf.getvalue()

@@ -9,9 +9,12 @@ complete on disk: export can trust it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,11 +58,23 @@ def dicom_bytes(ds: Dataset) -> bytes:
 
 
 def _write(out_dir: Path, filename: str, kind: Literal["SEG", "SR", "SC"], ds: Dataset) -> ResultObject:
+    """``ds`` written as ``filename`` atomically (as ``write_atomic``: temporary file, fsync, rename), encoded
+    straight into the file: a thin-slice SEG is ~100 MB, which an in-memory copy (or two) would double."""
+    path = out_dir / filename
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{filename}.", suffix=".tmp")
     try:
-        data = dicom_bytes(ds)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ResultsError(f"cannot encode the {kind} as a DICOM file: {exc}") from exc
-    write_atomic(out_dir / filename, data)
+        with os.fdopen(fd, "wb") as f:
+            try:
+                ds.save_as(f, enforce_file_format=True)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ResultsError(f"cannot encode the {kind} as a DICOM file: {exc}") from exc
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return ResultObject(kind=kind, filename=filename, sop_class_uid=str(ds.SOPClassUID),
                         sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID))
 

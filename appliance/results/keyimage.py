@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from appliance.errors import ResultsError
+from appliance.infer.labelmap import LabelMap, as_labelmap
 from appliance.infer.measure import LESION_CATEGORY
 from appliance.infer.volume import Volume
 from appliance.models.package import ModelPackage
@@ -66,25 +67,17 @@ def lesions_inside(package: ModelPackage, organ_value: int) -> list[int]:
             and lab.region is not None and lab.region.code == organ.type.code]
 
 
-def _area_per_slice(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Pixels per slice whose label is one of ``values``: slice by slice and value by value, which is ~20x
-    faster on a 300x512x512 map than one lookup-table pass over the whole volume."""
-    area = np.zeros(labels.shape[0], dtype=np.int64)
-    for i, sl in enumerate(labels):
-        area[i] = sum(np.count_nonzero(sl == v) for v in values)
-    return area
-
-
-def key_slice(labels: np.ndarray, package: ModelPackage) -> int:
+def key_slice(labels: np.ndarray | LabelMap, package: ModelPackage) -> int:
     """The slice with the largest lesion area (all lesion labels together); without lesions the largest
     organ area; with an empty label map the middle slice."""
+    lm = as_labelmap(labels)
     lesions = [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY]
     organs = [lab.value for lab in package.labels if lab.category.code != LESION_CATEGORY]
     for values in (lesions, organs):
-        area = _area_per_slice(labels, values)
+        area = lm.area_per_slice(values)
         if area.size and area.max() > 0:
             return int(area.argmax())
-    return labels.shape[0] // 2
+    return lm.shape[0] // 2
 
 
 def _window(hu: np.ndarray) -> np.ndarray:
@@ -147,13 +140,13 @@ def _caption_band(lines: list[tuple[str, tuple[int, int, int]]], cols: int) -> n
     return np.asarray(band, dtype=np.uint8)
 
 
-def render_key_image(volume: Volume, labels: np.ndarray, package: ModelPackage, summary: dict[str, Any],
+def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage, summary: dict[str, Any],
                      index: int | None = None) -> KeyImage:
     """The key image's RGB pixels (slice ``index``, by default ``key_slice``): what the SC and PNGs show."""
     if index is None:
         index = key_slice(labels, package)
-    sl = labels[index]
-    grey = _window(volume.hu[index])
+    sl = labels.slice(index) if isinstance(labels, LabelMap) else np.asarray(labels[index])
+    grey = _window(volume.slice_hu(index))
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     colours = label_colours(package)
     present = set(np.unique(sl).tolist()) - {0}
@@ -211,7 +204,7 @@ def patient_orientation(orientation: tuple[float, ...]) -> tuple[str, str]:
     return _orientation_letter(orientation[:3]), _orientation_letter(orientation[3:6])
 
 
-def make_sc(volume: Volume, labels: np.ndarray, key: KeyImage, package: ModelPackage) -> hd.sc.SCImage:
+def make_sc(volume: Volume, labels: np.ndarray | LabelMap, key: KeyImage, package: ModelPackage) -> hd.sc.SCImage:
     """The key image as a Secondary Capture in the source study, referencing the slice it shows."""
     check_source(volume, labels, "key image (SC)")
     ref = conformant(volume.headers[key.index])
