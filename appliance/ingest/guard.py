@@ -181,16 +181,21 @@ def _abort_and_close(dul: Any, reason: int) -> None:
 def _recv_into(sock: socket.socket, buf: bytearray, start: int, end: int, deadline: float) -> int:
     """Fill ``buf[start:end]`` before ``deadline``; returns the end of what arrived (less: peer closed).
 
-    The socket's timeout is put back afterwards: pynetdicom sends on the same socket.
+    The socket keeps ``network_timeout`` (set when its reader thread starts), so a silent peer times
+    out per read; the deadline also ends a peer that trickles. Only a deadline closer than that
+    timeout shortens it, for that read, so the usual PDU costs no extra system calls.
     """
     view = memoryview(buf)
+    shortened = False
     try:
         got = start
         while got < end:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            sock.settimeout(left)
+            if left < _limits.network_timeout:
+                sock.settimeout(left)
+                shortened = True
             n = sock.recv_into(view[got:end], end - got)
             if not n:
                 break
@@ -198,10 +203,11 @@ def _recv_into(sock: socket.socket, buf: bytearray, start: int, end: int, deadli
         return got
     finally:
         view.release()
-        try:
-            sock.settimeout(_limits.network_timeout)
-        except OSError:
-            pass
+        if shortened:
+            try:
+                sock.settimeout(_limits.network_timeout)
+            except OSError:
+                pass
 
 
 def read_pdu(dul: Any) -> None:
@@ -405,6 +411,12 @@ def _run_end_hooks(assoc: Any) -> None:
 def _dul_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
     def run_reactor(self: Any) -> None:
         self._edge_connected = time.monotonic()
+        sock = _raw_socket(self)
+        if sock is not None:  # an accepted socket is blocking, with no timeout: a silent peer would hold it
+            try:
+                sock.settimeout(_limits.network_timeout)
+            except OSError:
+                pass
         try:
             orig(self)
         except ProtocolViolation as exc:
