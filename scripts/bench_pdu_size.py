@@ -8,7 +8,7 @@ Run from the project root with the project's environment:
 Why: the Maximum Length we advertise bounds every P-DATA-TF PDU a listener buffers, so the worst
 case is max_associations x max_pdu_size of buffers on the box; a larger PDU means fewer Python
 round trips per instance. Two senders, because they use the limit differently: DCMTK ``storescu``
-sends 16 KiB PDUs whatever we advertise (its own default), pynetdicom's SCU sends PDUs up to our
+caps its PDVs at 128 KiB whatever we advertise (`storescu -d` prints "Max Send PDV"), pynetdicom's SCU sends up to our
 limit. For each size, the appliance (one listener process, no routes) receives the same 300-slice
 512x512 series once per sender and round, sizes in turn within a round; the time to send it and the
 listener's peak resident memory (VmHWM) are recorded. The reference is the smallest size in the same
