@@ -7,6 +7,7 @@ the smallest input that crosses it.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import time
@@ -300,3 +301,28 @@ def test_idle_and_garbage_connections_never_take_a_real_senders_place(appliance_
     finally:
         for s in idle:
             s.close()
+
+
+@pytest.mark.slow
+def test_a_flood_of_garbage_connections_leaves_no_threads_behind(appliance_factory: Any) -> None:
+    """Connections that end before A-ASSOCIATE free their threads at once, so a flood larger than a
+    listener's connection cap (max_associations + 64) never shuts out the real sender after it."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    app = appliance_factory(dicom={"max_associations": 2, "listeners": 1, "acse_timeout": 120.0})
+    for i in range(150):
+        with socket.create_connection(("127.0.0.1", app.port), timeout=5) as s:
+            if i % 3 == 0:
+                s.sendall(b"\x04\x00\xff\xff\xff\xf0")           # P-DATA before association
+                _read_abort(s, timeout=2.0)
+            elif i % 3 == 1:
+                s.sendall(b"\x09" + os.urandom(63))              # an unknown PDU type
+                _read_abort(s, timeout=2.0)
+            # the third kind just connects and leaves
+    ae = pynetdicom_ae()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", app.port, ae_title="EDGE")
+    assert assoc.is_established, "the real sender was shut out after the flood:\n" + app.log_tail(20)
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert "already serves" not in app.log_text()

@@ -464,8 +464,8 @@ def _await_request(assoc: Any) -> bool:
             q.not_empty.wait(0.05)
         if q.queue:
             return True
-        if not dul.is_alive() or time.monotonic() >= deadline:
-            return False
+        if not dul.is_alive() or _raw_socket(dul) is None or time.monotonic() >= deadline:
+            return False  # the reader ended, or closed the connection (a violation, a reset, ARTIM)
 
 
 def _assoc_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
