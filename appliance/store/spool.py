@@ -98,33 +98,15 @@ class Spool:
 
         Nothing is left behind on failure.
         """
-        final = f"{self._root}/{relpath}"
-        tmp = f"{self._incoming}/{os.getpid()}-{next(self._seq)}{PART_SUFFIX}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            try:
-                size = _write_all(fd, chunks)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            parent = final[: final.rindex("/")]
-            self._ensure_dir(parent)
-            os.rename(tmp, final)
-            fsync_dir(parent)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
-            raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from exc
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+        tmp, size = self._write_part(chunks)
+        self.adopt(tmp, relpath)
         return size
 
     def adopt(self, tmp: str, relpath: str) -> None:
         """Move a complete, already fsynced file from the incoming directory to ``relpath``, durably.
 
-        For data sets that arrived too large for memory and were written there as they came.
+        For :meth:`write`, a :meth:`stage`d replacement, and data sets that arrived too large for
+        memory and were written to the incoming directory as they came. On failure ``tmp`` is removed.
         """
         final = f"{self._root}/{relpath}"
         try:
@@ -134,9 +116,10 @@ class Spool:
             fsync_dir(parent)
         except OSError as exc:
             _unlink_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
-            raise StoreError(f"cannot store {final}: {exc.strerror or exc}") from exc
+            raise _store_error(exc, self.root, f"cannot store {final}") from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     def stage(self, chunks: Sequence[bytes | memoryview]) -> str:
         """Write ``chunks`` durably to a new ``.part`` file in the incoming directory; returns its path.
@@ -145,23 +128,24 @@ class Spool:
         (a replacement, see ``Receiver``): :meth:`adopt` moves it into place, :meth:`discard` drops it.
         A crash leaves a ``.part`` file that the next start removes.
         """
+        return self._write_part(chunks)[0]
+
+    def _write_part(self, chunks: Sequence[bytes | memoryview]) -> tuple[str, int]:
         tmp = f"{self._incoming}/{os.getpid()}-{next(self._seq)}{PART_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             try:
-                _write_all(fd, chunks)
+                size = _write_all(fd, chunks)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             _unlink_quietly(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"no space left on the data filesystem at {self.root}") from exc
-            raise StoreError(f"cannot write {tmp}: {exc.strerror or exc}") from exc
+            raise _store_error(exc, self.root, f"cannot write {tmp}") from exc
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        return tmp
+        return tmp, size
 
     @staticmethod
     def discard(tmp: str) -> None:
@@ -204,6 +188,12 @@ class Spool:
         if removed:
             fsync_dir(self.incoming)
         return removed
+
+
+def _store_error(exc: OSError, root: Path, what: str) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on the data filesystem at {root}")
+    return StoreError(f"{what}: {exc.strerror or exc}")
 
 
 def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
