@@ -54,6 +54,9 @@ class Components:
     #: Component (1-based) of every slab-local part, by global part id (index 0 unused).
     part_component: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
     slabs: list[_Slab] = field(default_factory=list)
+    #: Slab-local part ids kept from finding the components (by slab start), up to ``find_components``'s
+    #: ``keep_bytes``: ``labelled`` hands them out once instead of labelling those windows again.
+    kept: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -64,9 +67,12 @@ class Components:
         """Per slab (all, or ``only``): its window of component numbers (int32, 0 = background), relabelled
         exactly as when the components were found (labelling is deterministic)."""
         for slab in (self.slabs if only is None else only):
-            local, k = _label_window(labels, slab.start, slab.stop, slab.box, self.values, self.structure)
-            if k != slab.count:  # the label map changed between the passes: a bug, never silently wrong numbers
-                raise RuntimeError(f"slices {slab.start}-{slab.stop}: {k} parts on relabelling, {slab.count} before")
+            local = self.kept.pop(slab.start, None)  # once: memory goes as the slabs are consumed
+            if local is None:
+                local, k = _label_window(labels, slab.start, slab.stop, slab.box, self.values, self.structure)
+                if k != slab.count:  # the label map changed between the passes: a bug, never silently wrong numbers
+                    raise RuntimeError(f"slices {slab.start}-{slab.stop}: {k} parts on relabelling, {slab.count} before")
+            k = slab.count
             lut = np.zeros(k + 1, dtype=np.int32)
             lut[1:] = self.part_component[slab.offset + 1:slab.offset + k + 1]
             yield slab, lut[local]
@@ -122,9 +128,18 @@ def _touching(prev: np.ndarray, cur: np.ndarray, offsets: Sequence[tuple[int, in
     return np.unique(np.concatenate(pairs), axis=0)
 
 
-def find_components(labels: LabelMap, values: Sequence[int], slab_slices: int, full: bool) -> Components:
+#: Bytes of slab-local part ids ``find_components`` keeps for ``Components.labelled`` by default: at 300
+#: slices every slab of a liver fits, so its windows are labelled once, not twice (~0.1 s); beyond, the
+#: rest is labelled again, so memory stays bounded whatever the series length.
+KEEP_BYTES = 64 << 20
+
+
+def find_components(labels: LabelMap, values: Sequence[int], slab_slices: int, full: bool,
+                    keep_bytes: int = KEEP_BYTES) -> Components:
     """Connected components of the voxels whose label is in ``values``: 26-connected when ``full``, else
-    6-connected (``ndimage.label``'s default), labelled ``slab_slices`` slices at a time."""
+    6-connected (``ndimage.label``'s default), labelled ``slab_slices`` slices at a time. Up to
+    ``keep_bytes`` of the slabs' part ids are kept for one later pass of ``labelled`` (the labels must not
+    change in between, as for relabelling)."""
     structure = ndimage.generate_binary_structure(3, 3 if full else 1)
     offsets = _OFFSETS_FULL if full else _OFFSETS_FACE
     out = Components(structure=structure, values=tuple(int(v) for v in values))
@@ -144,6 +159,9 @@ def find_components(labels: LabelMap, values: Sequence[int], slab_slices: int, f
         local, k = ndimage.label(mask, structure=structure)
         del mask
         out.slabs.append(_Slab(start, stop, box, offset, k))
+        if local.nbytes <= keep_bytes:
+            keep_bytes -= local.nbytes
+            out.kept[start] = local
         sizes.append(np.bincount(local.ravel(), minlength=k + 1)[1:].astype(np.int64))
         origin = np.array([start, box[0], box[2]], dtype=np.int64)
         objects = ndimage.find_objects(local)

@@ -1,20 +1,24 @@
 """One series through one model: the code path shared by the worker and ``appliance infer``.
 
-header scan -> per slab of slices: decode + preprocess -> infer (batches) -> scores back to the source grid,
-argmax, compact labels -> clean-up (largest component) -> measure. Each stage's wall time is recorded; the
+header scan -> per slab of slices: decode + preprocess (the next slab, on threads, while this one is
+predicted) -> infer (batches) -> scores back to the source grid, argmax, compact labels (on a thread, while
+the next batch is predicted) -> clean-up (largest component) -> measure. Each stage's wall time is recorded; the
 worker stores them with the job. Slabs keep the peak memory at ``[inference] memory_budget_mb`` whatever the
 series length (a 3,000-slice series decoded whole would be 3 GB of HU alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import logging
 import os
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,33 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+_gc_paused = 0
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one job (nested uses nest), a collection after it.
+
+    A job creates ~100,000 objects (a header per slice, highdicom's per-frame items) and few cycles: the
+    collector then runs a full collection or two in the middle of it, each traversing every object of
+    the process (~0.15-0.25 s here); reference counting frees almost everything anyway. What cycles a job
+    leaves are collected once, when the outermost pause ends: a collection of the youngest generation, which
+    (no collection having run meanwhile) holds exactly what the job allocated and still exists, so it costs
+    what the job left, not the whole process.
+    """
+    global _gc_paused
+    was_enabled = gc.isenabled()
+    _gc_paused += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _gc_paused -= 1
+        if _gc_paused == 0 and was_enabled:
+            gc.enable()
+            gc.collect(0)
+
+
 @dataclass(frozen=True)
 class SlabPlan:
     """How a series is cut along z so that its peak memory follows the budget, not its length."""
@@ -122,54 +153,111 @@ def plan_slabs(shape: tuple[int, int, int], padded: tuple[int, int], batch: int,
     return SlabPlan(infer=int(min(infer, max(batch, -(-n // batch) * batch))), post=post)
 
 
+#: Slices per prepared slab at most when slabs are pipelined: the next slab is decoded and resampled on other
+#: threads while the current one is predicted, so only the first (short) slab's preparation is on the job's
+#: critical path. Large enough that per-slab costs stay negligible.
+PIPELINE_SLAB = 64
+
+
 def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, progress: Progress | None = None,
                    memory_budget_mb: int = 1024, plan: SlabPlan | None = None) -> tuple[LabelMap, dict[str, float]]:
     """Label map on the source grid, a slab of slices at a time.
 
     Each slab's slices and their context neighbours (the manifest's channels) are decoded and resampled a
     few at a time (``prepare_slices``), predicted in the same batches as on the whole series, and kept as
-    compact labels; HU and model input never exist for more than one slab. The labels are exactly those of
-    the whole series at once: every slice is resampled on its own and sees the same neighbours.
+    compact labels; HU and model input never exist for more than two slabs. The labels are exactly those
+    of the whole series at once: every slice is resampled on its own and sees the same neighbours.
+
+    Slabs are pipelined: while one slab is predicted, a thread prepares the next (decoding and numpy
+    resampling release the GIL, as the backend's ``run`` does). A slab's context slices already prepared for
+    the previous one are copied over, not decoded again. ``decode`` and ``preprocess`` in the timings are
+    the time the job waited for them (the first slab, and any slab not ready when it was needed), split in
+    proportion to the threads' reading and resampling. Likewise scores become labels on a thread while the
+    next batch is predicted, and ``postprocess`` counts the waits for it. What ran during a forward pass is
+    in ``infer``'s wall time, slowing it by what the model lost of the CPU (on a GPU backend: nothing).
     """
     spec = package.input_spec
     n, rows, cols = volume.shape
     grid = model_grid(rows, cols, volume.pixel_spacing, spec)
     batch = package.manifest.input.opt_batch
     plan = plan or plan_slabs(volume.shape, grid.padded, batch, memory_budget_mb)
+    # Two slabs are prepared at once (the one predicted, the next): each half the plan's, at most PIPELINE_SLAB.
+    step = max(batch, min(PIPELINE_SLAB, plan.infer // 2) // batch * batch)
     half = spec.channels // 2
     context = context_indices(n, spec.channels)
     labels = LabelMap((n, rows, cols))
+    # The first slabs are short (two batches, then doubling): the first is prepared while nothing else
+    # runs, each later one while the one before is predicted.
+    bounds: list[tuple[int, int]] = []
+    z0, size = 0, min(step, 2 * batch)
+    while z0 < n:
+        bounds.append((z0, min(n, z0 + size)))
+        z0, size = z0 + size, min(step, 2 * size)
+    # Prepared slices of slab i: [c0, c1), its slices and their context neighbours.
+    spans = [(max(0, z0 - half), min(n, z1 + half)) for z0, z1 in bounds]
+
+    def prepare(i: int, prev: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+        c0, c1 = spans[i]
+        out = np.empty((c1 - c0, *grid.padded), dtype=np.float32)
+        done = c0
+        if prev is not None:  # the previous slab's prepared slices from c0 on (its last context ones)
+            p0, p1 = spans[i - 1]
+            done = min(p1, c1)
+            if done > c0:
+                out[: done - c0] = prev[c0 - p0:done - p0]
+            else:
+                done = c0
+        # The first slab on every core (nothing else runs yet); later ones on one thread, beside the forward
+        # pass's own threads: more would only take turns with them.
+        _, read_s, resample_s = prepare_slices(volume.read_hu, done, c1, grid, spec, out=out[done - c0:],
+                                               workers=None if i == 0 else 1)
+        return out, read_s, resample_s
+
+    def to_labels(scores: np.ndarray, start: int, stop: int, slab: np.ndarray, z0: int) -> None:
+        if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != grid.padded:
+            raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
+                                 f"{(stop - start, spec.channels, *grid.padded)}")
+        scores_to_labels(scores, grid, out=slab[start - z0:stop - z0])
+
     t_read = t_prep = t_infer = t_post = 0.0
-    for z0 in range(0, n, plan.infer):
-        z1 = min(n, z0 + plan.infer)
-        c0, c1 = max(0, z0 - half), min(n, z1 + half)
-        t = time.perf_counter()
-        prepared, read_s, resample_s = prepare_slices(volume.read_hu, c0, c1, grid, spec)
-        wall = time.perf_counter() - t
-        # The threads read and resample at once; their wall time is split in proportion to what each did.
-        share = read_s / (read_s + resample_s) if read_s + resample_s > 0 else 0.0
-        t_read += wall * share
-        t_prep += wall * (1.0 - share)
-        if progress:
-            progress("decode", z1, n)
-        slab = np.empty((z1 - z0, rows, cols), dtype=np.uint8)
-        for start in range(z0, z1, batch):
-            stop = min(z1, start + batch)
+    # Scores become labels on a thread of their own while the next batch is predicted (one batch in flight:
+    # the scores of at most two batches exist at once).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as ahead, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") as behind:
+        pending: Future | None = ahead.submit(prepare, 0, None) if bounds else None
+        for i, (z0, z1) in enumerate(bounds):
+            c0 = spans[i][0]
             t = time.perf_counter()
-            scores = backend.run(np.ascontiguousarray(prepared[context[start:stop] - c0]))
-            t_infer += time.perf_counter() - t
-            t = time.perf_counter()
-            if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != prepared.shape[1:]:
-                raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
-                                     f"{(stop - start, spec.channels, *prepared.shape[1:])}")
-            scores_to_labels(scores, grid, out=slab[start - z0:stop - z0])
-            t_post += time.perf_counter() - t
+            prepared, read_s, resample_s = pending.result()
+            wall = time.perf_counter() - t
+            # The wait is split in proportion to what the threads did: reading and resampling run at once.
+            share = read_s / (read_s + resample_s) if read_s + resample_s > 0 else 0.0
+            t_read += wall * share
+            t_prep += wall * (1.0 - share)
+            pending = ahead.submit(prepare, i + 1, prepared) if i + 1 < len(bounds) else None
             if progress:
-                progress("infer", stop, n)
-        t = time.perf_counter()
-        labels.set_slab(z0, slab)
-        t_post += time.perf_counter() - t
-        del prepared, slab
+                progress("decode", z1, n)
+            slab = np.empty((z1 - z0, rows, cols), dtype=np.uint8)
+            converting: Future | None = None
+            for start in range(z0, z1, batch):
+                stop = min(z1, start + batch)
+                t = time.perf_counter()
+                scores = backend.run(np.ascontiguousarray(prepared[context[start:stop] - c0]))
+                t_infer += time.perf_counter() - t
+                t = time.perf_counter()
+                if converting is not None:
+                    converting.result()
+                converting = behind.submit(to_labels, scores, start, stop, slab, z0)
+                del scores
+                t_post += time.perf_counter() - t
+                if progress:
+                    progress("infer", stop, n)
+            t = time.perf_counter()
+            if converting is not None:
+                converting.result()
+            labels.set_slab(z0, slab)
+            t_post += time.perf_counter() - t
+            del prepared, slab
     t = time.perf_counter()
     keep = package.manifest.postprocess.largest_component
     if keep:
@@ -177,7 +265,7 @@ def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, prog
     timings = {"decode": t_read, "preprocess": t_prep, "infer": t_infer,
                "postprocess": t_post + time.perf_counter() - t}
     log.debug("series %s: %d slices in slabs of %d (post-processing %d); labels %.1f MB compact",
-              volume.series_uid, n, plan.infer, plan.post, labels.nbytes / 1e6)
+              volume.series_uid, n, step, plan.post, labels.nbytes / 1e6)
     return labels, timings
 
 
@@ -187,6 +275,12 @@ def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, p
 
     Peak memory follows ``memory_budget_mb`` (``[inference] memory_budget_mb``), not the series length.
     """
+    with paused_gc():
+        return _run_series(paths, package, backend, progress, memory_budget_mb, plan)
+
+
+def _run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, progress: Progress | None,
+                memory_budget_mb: int, plan: SlabPlan | None) -> SeriesResult:
     t = time.perf_counter()
     volume = scan_series(paths)
     t_scan = time.perf_counter() - t

@@ -93,7 +93,14 @@ def resize_axis(arr: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     w = w.reshape(shape)
     a = np.take(arr, i0, axis=axis)
     b = np.take(arr, i1, axis=axis)
-    return a + (b - a) * w
+    # a + (b - a) * w, in place in b (a fresh copy): the same float operations in the same order, so the
+    # same bits, without two more temporaries of the output's size.
+    if b.dtype != np.result_type(b.dtype, w.dtype):  # integer input: the formula's own promotion
+        return a + (b - a) * w
+    np.subtract(b, a, out=b)
+    b *= w
+    b += a
+    return b
 
 
 def resize2d(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -120,15 +127,23 @@ def to_model_grid(volume_hu: np.ndarray, grid: ModelGrid, spec: InputSpec) -> np
 
 
 def prepare_slices(read: Callable[[int, int], np.ndarray], start: int, stop: int, grid: ModelGrid,
-                   spec: InputSpec) -> tuple[np.ndarray, float, float]:
+                   spec: InputSpec, out: np.ndarray | None = None, workers: int | None = None
+                   ) -> tuple[np.ndarray, float, float]:
     """:func:`to_model_grid` of slices ``start:stop``, each chunk read by ``read(a, b)`` (HU, float32) on the
     thread that resamples it: a series can be decoded and prepared a few slices at a time, never held in
-    HU. Returns the prepared slices and the threads' seconds spent reading and resampling (for timings).
+    HU. Returns the prepared slices (in ``out``, (stop - start, H, W) float32, when given) and the threads'
+    seconds spent reading and resampling (for timings). ``workers``: threads (default one per core).
 
     Every slice is resampled on its own, so the result does not depend on how slices are grouped.
     """
     n = stop - start
-    out = np.full((n, *grid.padded), -1.0, dtype=np.float32)  # padding reads as air
+    if out is None:
+        out = np.empty((n, *grid.padded), dtype=np.float32)
+    elif out.shape != (n, *grid.padded) or out.dtype != np.float32:
+        raise ValueError(f"out has shape {out.shape} ({out.dtype}), not {(n, *grid.padded)} float32")
+    # Padding reads as air: only the margins right and below the image (the image part is overwritten).
+    out[:, grid.shape[0]:, :] = -1.0
+    out[:, : grid.shape[0], grid.shape[1]:] = -1.0
     spent = [0.0, 0.0]
 
     def work(s0: int) -> None:
@@ -141,11 +156,12 @@ def prepare_slices(read: Callable[[int, int], np.ndarray], start: int, stop: int
         spent[1] += t2 - t1
 
     starts = range(0, n, _CHUNK)
-    if n <= _CHUNK or (os.cpu_count() or 1) == 1:
+    workers = int(workers or os.cpu_count() or 1)
+    if n <= _CHUNK or workers == 1:
         for s0 in starts:
             work(s0)
     else:
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(work, starts))
     return out, spent[0], spent[1]
 
@@ -202,7 +218,8 @@ def scores_to_labels(scores: np.ndarray, grid: ModelGrid, out: np.ndarray | None
     """
     h, w = grid.shape
     rows, cols = grid.source_shape
-    crop = np.ascontiguousarray(scores[:, :, :h, :w], dtype=np.float32)
+    # A view, not a copy: only the argmax reads every score, and the few mixed pixels are gathered from it.
+    crop = scores[:, :, :h, :w].astype(np.float32, copy=False)
     lab = _argmax_classes(crop)  # (n, h, w)
     i0, i1, wr = _axis_weights(h, rows)
     j0, j1, wc = _axis_weights(w, cols)
@@ -215,13 +232,14 @@ def scores_to_labels(scores: np.ndarray, grid: ModelGrid, out: np.ndarray | None
     mixed[:, :-1, :-1] |= lab[:, :-1, :-1] != lab[:, 1:, 1:]
     if out is None:
         out = np.empty((lab.shape[0], rows, cols), dtype=np.uint8)
-    # lab[:, i0][:, :, j0], as runs: i0 and j0 are non-decreasing, so repeating each model row and column
-    # by how many source rows and columns fall on it is the same gather, 3x faster.
-    out[...] = lab.repeat(np.bincount(i0, minlength=h), axis=1).repeat(np.bincount(j0, minlength=w), axis=2)
+    # lab[:, i0][:, :, j0]: columns first, on the small grid, then whole rows straight into ``out`` (row
+    # copies), 3x faster than repeating rows first and copying the result.
+    np.take(np.take(lab, j0, axis=2), i0, axis=1, out=out, mode="clip")  # "clip": unbuffered; i0 is in range
     # Source pixels whose block is mixed, found on the small grid: i0 is non-decreasing, so the source rows of
     # model row i are one run (start rs0[i], count rn[i]), likewise columns; each mixed block is expanded
     # to its rows x columns. (Same pixels as testing every source pixel's block, without full-size masks.)
-    zb, ib, jb = np.nonzero(mixed)
+    # flatnonzero + unravel: 10x faster than np.nonzero on a 3D mask this sparse (same indices, same order).
+    zb, ib, jb = np.unravel_index(np.flatnonzero(mixed), mixed.shape)
     if zb.size:
         rs0 = np.searchsorted(i0, np.arange(h), side="left")
         rn = np.searchsorted(i0, np.arange(h), side="right") - rs0

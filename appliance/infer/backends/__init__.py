@@ -29,7 +29,10 @@ class Backend(Protocol):
     precision: str
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """(n, channels, H, W) float32 -> (n, classes, H, W) float32 scores."""
+        """(n, channels, H, W) float32 -> (n, classes, H, W) float32 scores.
+
+        The scores returned are the caller's own array (never a buffer the next call reuses): the
+        pipeline turns them into labels on another thread while the next batch runs."""
 
     def close(self) -> None: ...
 
