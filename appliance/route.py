@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from appliance.dicomio import read_header
 from appliance.config import Route
 from appliance.store.index import Index
 from appliance.store.jobs import JobQueue
@@ -96,7 +97,7 @@ class Router:
         routed = 0
         for series_uid, path in self.jobs.complete_series_heads():
             try:
-                ds = pydicom.dcmread(self.spool_root / path, stop_before_pixels=True)
+                ds = read_header(self.spool_root / path)  # bounded: never inflates a Deflated file whole
             except Exception as exc:  # the receiver stored it, so this is rare: a damaged disk
                 self.jobs.mark_series_failed(series_uid, f"route: cannot read the series' header: {exc}")
                 log.error("series %s: cannot read its header for routing: %s", series_uid, exc)

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from appliance.dicomio import HeaderError, check_decodable, is_deflated, read_header
 from appliance.errors import DecodeError, GeometryError, InferenceError
 
 log = logging.getLogger("appliance.infer")
@@ -121,7 +122,10 @@ def decode_hu(ds: Dataset, where: str) -> np.ndarray:
 
 def _read(path: Path) -> Dataset:
     try:
+        check_decodable(read_header(path), path.name)  # before pydicom inflates or decodes anything
         return pydicom.dcmread(path)
+    except HeaderError as exc:
+        raise DecodeError(str(exc)) from None
     except Exception as exc:
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from None
 
@@ -135,9 +139,15 @@ def _read_header(path: Path) -> tuple[Dataset, int | None]:
     """The header (no pixel data) and, for uncompressed 16-bit single-frame grey images, the offset of the
     pixel data element: re-parsing a whole file per slice to decode it cost 3-4 ms of its ~5 ms."""
     try:
-        with open(path, "rb") as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            offset = f.tell()
+        if is_deflated(path):  # pydicom would inflate it whole, pixel data included
+            ds, offset = read_header(path), 0
+        else:
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                offset = f.tell()
+        check_decodable(ds, path.name)
+    except HeaderError as exc:
+        raise DecodeError(str(exc)) from None
     except Exception as exc:
         raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from None
     meta = getattr(ds, "file_meta", None)
