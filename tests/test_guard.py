@@ -78,7 +78,7 @@ def test_inflation_past_the_limit_is_refused_without_holding_it() -> None:
     assert peak < 4 * INFLATE_IN_MEMORY, f"inflating a bomb held {peak / 1e6:.0f} MB"
 
 
-def test_inflation_within_the_limit_spills_to_disk_and_parses(tmp_path: Path) -> None:
+def test_inflation_within_the_limit_counts_the_pixel_data_and_parses(tmp_path: Path) -> None:
     bomb, sop = _zeros_bomb(3 * INFLATE_IN_MEMORY)
     tracemalloc.start()
     try:

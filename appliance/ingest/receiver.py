@@ -47,6 +47,7 @@ INFLATE_IN_MEMORY = 8 * 1024 * 1024
 #: Default bound on what a Deflated data set may inflate to (``[dicom] max_instance_bytes``).
 DEFAULT_MAX_INFLATED = 4 * 1024 ** 3
 _INFLATE_STEP = 1024 * 1024
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 class InflationLimitError(UnreadableDatasetError):
@@ -69,21 +70,36 @@ def inflate_bounded(chunks: Iterator[bytes], limit: int, spill_dir: str | None) 
     """Inflate raw-deflate ``chunks`` without ever holding more than a bounded amount in memory.
 
     Returns a readable stream at offset 0 and the inflated length. Up to :data:`INFLATE_IN_MEMORY`
-    stays in memory; more is written to an unlinked temporary file in ``spill_dir`` (the data
-    filesystem). Output is produced at most :data:`_INFLATE_STEP` bytes at a time, so a few kilobytes
-    that claim gigabytes cost no more than ``limit`` bytes of work before they are refused.
+    stays in memory. Past that, once the pixel data element has begun, the rest is only counted (it
+    is checked to inflate and to be as long as that element says; nothing after it is kept); before
+    that (a header over 8 MB, rare), the rest goes to an unlinked temporary file in ``spill_dir``.
+    Writing a gigabyte of a bomb's zeros to disk would cost the disk and, under writeback pressure,
+    more than a sender's DIMSE timeout. Output is produced at most :data:`_INFLATE_STEP` bytes at a
+    time, so a few kilobytes that claim gigabytes cost no more than ``limit`` bytes of work.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     mem = BytesIO()
     spill: BinaryIO | None = None
+    counting = False
     total = 0
+    pixels_at = -1  # where the pixel data tag starts in ``mem``, once seen
 
     def emit(data: bytes) -> None:
-        nonlocal spill, total
+        nonlocal spill, total, counting, pixels_at
+        if pixels_at < 0 and spill is None:
+            tail = mem.getbuffer()[-3:].tobytes() if mem.tell() >= 3 else b""
+            at = (tail + data).find(_PIXEL_DATA_TAG)
+            if at >= 0:
+                pixels_at = mem.tell() - len(tail) + at
         total += len(data)
         if total > limit:
             raise InflationLimitError(f"Deflated data set inflates beyond max_instance_bytes={limit}")
+        if counting:
+            return
         if spill is None and total > INFLATE_IN_MEMORY:
+            if 0 <= pixels_at <= mem.tell() - 16:  # the pixel data element's header is in memory: the rest is its value
+                counting = True
+                return
             spill = tempfile.TemporaryFile(dir=spill_dir)
             spill.write(mem.getbuffer())
             mem.seek(0)
