@@ -101,6 +101,19 @@ def test_inflate_bounded_returns_the_exact_bytes(tmp_path: Path) -> None:
         assert total == len(data) and stream.read() == data
 
 
+@pytest.mark.timeout(30)
+def test_bytes_after_the_deflate_stream_end_are_ignored(tmp_path: Path) -> None:
+    """pydicom's image_dfl.dcm carries padding after the end of its deflate stream; zlib keeps such
+    bytes in unconsumed_tail once eof is set, and inflating them in a loop once never ended."""
+    data = bytes(range(256)) * 1024  # 256 KiB: several output steps
+    comp = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = comp.compress(data) + comp.flush() + b"\x00" * 8
+    for pieces in ([deflated], [deflated[:-4], deflated[-4:]]):
+        stream, total = inflate_bounded(iter(pieces), GIB, str(tmp_path))
+        with stream:
+            assert total == len(data) and stream.read() == data
+
+
 def test_corrupt_deflate_stream_is_unreadable() -> None:
     with pytest.raises(UnreadableDatasetError, match="cannot be inflated"):
         parse_header(b"\xff" * 100, DeflatedExplicitVRLittleEndian)

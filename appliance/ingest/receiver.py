@@ -112,10 +112,13 @@ def inflate_bounded(chunks: Iterator[bytes], limit: int, spill_dir: str | None) 
 
     try:
         for chunk in chunks:
-            data = inflater.decompress(chunk, _INFLATE_STEP)
-            emit(data)
-            while inflater.unconsumed_tail:
+            emit(inflater.decompress(chunk, _INFLATE_STEP))
+            # Bytes after the end of the deflate stream (padding) stay in unconsumed_tail once
+            # eof is set; looping on the tail alone would never end.
+            while inflater.unconsumed_tail and not inflater.eof:
                 emit(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
+            if inflater.eof:
+                break
         emit(inflater.flush())
     except zlib.error as exc:
         if spill is not None:
