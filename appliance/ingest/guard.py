@@ -193,7 +193,10 @@ def _recv_into(sock: socket.socket, buf: bytearray, start: int, end: int, deadli
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            if left < _limits.network_timeout:
+            # The PDU's own deadline is network_timeout from its start, a hair under the socket's:
+            # only a clearly closer one (a trickling peer, the negotiation's acse_timeout) shortens it,
+            # so a read can overrun its deadline by at most that margin.
+            if left < _limits.network_timeout - min(1.0, 0.1 * _limits.network_timeout):
                 sock.settimeout(left)
                 shortened = True
             n = sock.recv_into(view[got:end], end - got)
