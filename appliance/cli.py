@@ -12,6 +12,7 @@ from typing import Any
 from appliance import __version__, logs
 from appliance.config import DEFAULT_CONFIG_NAME, Config, load_config
 from appliance.errors import ApplianceError, ResultsError
+from appliance.store.states import OutboxState
 
 log = logging.getLogger("appliance")
 
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     osub = p.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
     q = osub.add_parser("list", help="list outbox rows with their state, attempts and last error",
                         description="List outbox rows, oldest first, with the last error of each.")
-    q.add_argument("--state", choices=["pending", "sent", "dead", "superseded"], help="only rows in this state")
+    q.add_argument("--state", choices=[str(s) for s in OutboxState], help="only rows in this state")
     q.add_argument("--series", metavar="UID", help="only rows of this source series")
     q.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import StoreError
-from appliance.store import COMPLETE, RECEIVING, Index, InstanceRecord, Store
+from appliance.store import Index, InstanceRecord, Store
+from appliance.store.states import SeriesState
 from appliance.store.index import migrate
 from appliance.store.schema import SCHEMA_VERSION
 
@@ -59,7 +60,7 @@ def test_duplicate_does_not_touch_the_series(index: Index) -> None:
     with pytest.raises(Exception):
         index.add_instance(rec(1), None, now=t0 + 20)
     row = series_row(index)
-    assert row["state"] == COMPLETE
+    assert row["state"] == SeriesState.COMPLETE
     assert row["instances"] == 1
     assert row["last_received"] == t0
     assert row["reopened"] == 0
@@ -72,7 +73,7 @@ def test_series_counts(index: Index) -> None:
     row = series_row(index)
     assert row["instances"] == 5
     assert row["bytes"] == 100 * (1 + 2 + 3 + 4 + 5)
-    assert row["state"] == RECEIVING
+    assert row["state"] == SeriesState.RECEIVING
     assert row["modality"] == "CT" and row["patient_id"] == "P1" and row["description"] == "abdomen"
     assert series_row(index, SERIES + ".9")["instances"] == 1
     assert len(index.series_instances(SERIES)) == 5
@@ -89,7 +90,7 @@ def test_new_series_leaves_an_event(index: Index) -> None:
     index.add_instance(rec(1), None, now=100.0)
     events = index.series_events(SERIES)
     assert len(events) == 1
-    assert events[0]["from_state"] is None and events[0]["to_state"] == RECEIVING
+    assert events[0]["from_state"] is None and events[0]["to_state"] == SeriesState.RECEIVING
 
 
 # -- assembly: the stable rule ---------------------------------------------------------------------------
@@ -100,10 +101,10 @@ def test_stable_rule(index: Index) -> None:
     index.add_instance(rec(1), None, now=t0)
     index.add_instance(rec(2), None, now=t0 + 3)
     assert index.complete_quiet_series(t0 + 3 + 4.9, stable_seconds=5, grace_seconds=1) == []
-    assert series_row(index)["state"] == RECEIVING
+    assert series_row(index)["state"] == SeriesState.RECEIVING
     assert index.complete_quiet_series(t0 + 3 + 5.0, stable_seconds=5, grace_seconds=1) == [SERIES]
     row = series_row(index)
-    assert row["state"] == COMPLETE
+    assert row["state"] == SeriesState.COMPLETE
     assert "5" in str(row["state_reason"])
     # Completing is done once.
     assert index.complete_quiet_series(t0 + 100, stable_seconds=5, grace_seconds=1) == []
@@ -113,23 +114,23 @@ def test_late_instance_reopens_complete_series(index: Index) -> None:
     t0 = 1_000_000.0
     index.add_instance(rec(1), None, now=t0)
     index.complete_quiet_series(t0 + 10, stable_seconds=5, grace_seconds=1)
-    assert series_row(index)["state"] == COMPLETE
+    assert series_row(index)["state"] == SeriesState.COMPLETE
 
     assert index.add_instance_idempotent(rec(2), None) is True
     row = series_row(index)
-    assert row["state"] == RECEIVING
+    assert row["state"] == SeriesState.RECEIVING
     assert row["instances"] == 2
     assert row["reopened"] == 1
     events = index.series_events(SERIES)
     assert [(e["from_state"], e["to_state"]) for e in events] == [
-        (None, RECEIVING), (RECEIVING, COMPLETE), (COMPLETE, RECEIVING)]
+        (None, SeriesState.RECEIVING), (SeriesState.RECEIVING, SeriesState.COMPLETE), (SeriesState.COMPLETE, SeriesState.RECEIVING)]
     assert "late" in events[-1]["reason"]
 
     # ... and it completes again under the same rules.
     now = time.time()
     assert index.complete_quiet_series(now + 10, stable_seconds=5, grace_seconds=1) == [SERIES]
-    assert series_row(index)["state"] == COMPLETE
-    assert [e["to_state"] for e in index.series_events(SERIES)][-1] == COMPLETE
+    assert series_row(index)["state"] == SeriesState.COMPLETE
+    assert [e["to_state"] for e in index.series_events(SERIES)][-1] == SeriesState.COMPLETE
 
 
 # -- assembly: the release rule ---------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_release_rule_needs_grace(index: Index) -> None:
     assert index.complete_quiet_series(now, stable_seconds=1000, grace_seconds=5) == []
     assert index.complete_quiet_series(now + 5.5, stable_seconds=1000, grace_seconds=5) == [SERIES]
     row = series_row(index)
-    assert row["state"] == COMPLETE
+    assert row["state"] == SeriesState.COMPLETE
     assert "released" in str(row["state_reason"])
 
 
@@ -157,7 +158,7 @@ def test_release_rule_not_while_association_open(index: Index) -> None:
     deliver(index, "a1", 1, 2)
     now = time.time()
     assert index.complete_quiet_series(now + 60, stable_seconds=1000, grace_seconds=0) == []
-    assert series_row(index)["state"] == RECEIVING
+    assert series_row(index)["state"] == SeriesState.RECEIVING
 
 
 def test_release_rule_needs_every_delivering_association_released(index: Index) -> None:
@@ -193,7 +194,7 @@ def test_aborted_association_does_not_trigger_release_rule(index: Index, outcome
         index.close_association("a1", "aborted")
     now = time.time()
     assert index.complete_quiet_series(now + 60, stable_seconds=1000, grace_seconds=1) == []
-    assert series_row(index)["state"] == RECEIVING
+    assert series_row(index)["state"] == SeriesState.RECEIVING
     # The stable rule still completes it.
     assert index.complete_quiet_series(now + 1001, stable_seconds=1000, grace_seconds=1) == [SERIES]
 

@@ -15,6 +15,7 @@ import appliance.retention as retention
 from appliance.retention import Purger
 from appliance.store import Index, InstanceRecord, Store
 from appliance.store.jobs import JobQueue
+from appliance.store.purge import PurgeLedger
 
 UID = "7.1"
 
@@ -96,7 +97,7 @@ def test_series_reopened_after_marking_loses_nothing(tmp_path: Path) -> None:
     _no_model_series(store, 3)
     purger = Purger(store, retention_days=1.0)
     now = time.time() + 2 * 86400
-    assert purger._begin(UID, cutoff=now - 86400)  # step 1 done (a crash here leaves 'purging')
+    assert purger.ledger.begin(UID, cutoff=now - 86400, now=now)  # step 1 done (a crash here leaves 'purging')
     _instance(store, 99)  # a late instance re-opens the series
     assert purger.tick(now=now) == 0
     series = _assert_consistent(store)
@@ -108,13 +109,13 @@ def test_series_reopened_before_results_are_deleted_keeps_them(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store.open(tmp_path)
     _no_model_series(store, 3)
-    real_finish = Purger._finish
+    real_finish = PurgeLedger.finish
 
-    def finish(self: Purger, series_uid: str, deleted: int) -> Any:
+    def finish(self: PurgeLedger, series_uid: str, deleted: int, *args: Any) -> Any:
         _instance(store, 99)
-        return real_finish(self, series_uid, deleted)
+        return real_finish(self, series_uid, deleted, *args)
 
-    monkeypatch.setattr(Purger, "_finish", finish)
+    monkeypatch.setattr(PurgeLedger, "finish", finish)
     assert Purger(store, retention_days=1.0).tick(now=time.time() + 2 * 86400) == 0
     series = _assert_consistent(store)
     assert series["instances"] == 1 and series["state"] == "receiving"

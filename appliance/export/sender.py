@@ -19,7 +19,8 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code
 
 from appliance.config import Config, Destination
 from appliance.store import Store
-from appliance.store.outbox import DEAD, Outbox, OutboxRow
+from appliance.store.outbox import Outbox, OutboxRow
+from appliance.store.states import OutboxState
 
 log = logging.getLogger("appliance.export")
 
@@ -76,7 +77,7 @@ class Sender:
         e = self.export
         state = self.outbox.record_failure(row, detail, status, max_attempts=e.max_attempts, base=e.backoff_seconds,
                                            cap=e.backoff_max_seconds, permanent=permanent)
-        if state == DEAD:
+        if state == OutboxState.DEAD:
             log.error("%s %s to %s: giving up after %d attempt(s): %s (dead letter; `appliance outbox retry %d`)",
                       row.kind, row.sop_instance_uid, row.destination, row.attempts + 1, detail, row.id)
         else:

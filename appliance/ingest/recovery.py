@@ -25,8 +25,7 @@ _PREAMBLE_AND_MAGIC = 132
 
 def index_orphans(store: Store) -> int:
     """Index every complete spool file that has no index row; returns how many were recovered."""
-    conn = store.index.conn
-    counts = dict(conn.execute("SELECT series_uid, instances FROM series").fetchall())
+    counts = store.index.series_instance_counts()
     recovered = 0
     with os.scandir(store.spool.root) as studies:
         for study in studies:
@@ -39,8 +38,7 @@ def index_orphans(store: Store) -> int:
                     names = [n for n in os.listdir(series.path) if n.endswith(".dcm")]
                     if len(names) == counts.get(series.name, 0):
                         continue
-                    known = {r[0] for r in conn.execute(
-                        "SELECT sop_instance_uid FROM instances WHERE series_uid = ?", (series.name,))}
+                    known = store.index.instance_uids(series.name)
                     for name in names:
                         if name[:-4] not in known:
                             recovered += _index_file(store, study.name, series.name, name)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import StoreError
-from appliance.store.index import COMPLETE, RECEIVING, Index, InstanceRecord, migrate
+from appliance.store.index import Index, InstanceRecord, migrate
 from appliance.store.perms import DIR_MODE, create_private_file
 from appliance.store.spool import DiskFullError, Spool, check_uid
 
 __all__ = [
-    "COMPLETE", "RECEIVING", "DiskFullError", "Index", "InstanceRecord", "Spool", "Store", "check_uid",
+    "DiskFullError", "Index", "InstanceRecord", "Spool", "Store", "check_uid",
 ]
 
 INDEX_NAME = "index.sqlite3"

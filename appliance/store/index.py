@@ -19,10 +19,7 @@ from typing import Any
 
 from appliance.errors import StoreError
 from appliance.store.schema import MIGRATIONS, SCHEMA_VERSION
-
-#: Series states of the receiver; later stages add their own (queued, processing, done, ...).
-RECEIVING = "receiving"
-COMPLETE = "complete"
+from appliance.store.states import SERIES, SeriesState, Sql, move
 
 _BUSY_TIMEOUT_MS = 30_000
 
@@ -151,22 +148,7 @@ class Index:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
-                "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
-                " instances, bytes, first_received, last_received, state_changed, state_reason)"
-                " VALUES (?, ?, ?, ?, ?, 'receiving', 1, ?, ?, ?, ?, 'first instance received')"
-                " ON CONFLICT(series_uid) DO UPDATE SET"
-                "  instances = instances + 1, bytes = bytes + excluded.bytes,"
-                "  last_received = excluded.last_received,"
-                "  reopened = reopened + (state <> 'receiving'),"
-                "  state_reason = CASE WHEN state <> 'receiving' THEN 'late instance re-opened the series'"
-                "                 ELSE state_reason END,"
-                "  state_changed = CASE WHEN state <> 'receiving' THEN excluded.state_changed"
-                "                 ELSE state_changed END,"
-                "  state = 'receiving'",
-                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, rec.size,
-                 now, now, now),
-            )
+            _touch_series(conn, rec, now, "late instance re-opened the series")
             cur = conn.execute(
                 "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
                 " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -222,28 +204,10 @@ class Index:
                 conn.execute("UPDATE series SET instances = instances - 1, bytes = max(0, bytes - ?)"
                              " WHERE series_uid = ?", (old["size"], old["series_uid"]))
                 if old["series_uid"] != rec.series_uid:
-                    conn.execute(
-                        "UPDATE series SET reopened = reopened + (state <> 'receiving'), last_received = ?,"
-                        "  state_reason = CASE WHEN state <> 'receiving' THEN ? ELSE state_reason END,"
-                        "  state_changed = CASE WHEN state <> 'receiving' THEN ? ELSE state_changed END,"
-                        "  state = 'receiving' WHERE series_uid = ?",
-                        (now, f"instance {rec.sop_instance_uid} moved to another series: re-opened the series",
-                         now, old["series_uid"]))
-            conn.execute(
-                "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
-                " instances, bytes, first_received, last_received, state_changed, state_reason)"
-                " VALUES (?, ?, ?, ?, ?, 'receiving', 1, ?, ?, ?, ?, 'first instance received')"
-                " ON CONFLICT(series_uid) DO UPDATE SET"
-                "  instances = instances + 1, bytes = bytes + excluded.bytes,"
-                "  last_received = excluded.last_received,"
-                "  reopened = reopened + (state <> 'receiving'),"
-                "  state_reason = CASE WHEN state <> 'receiving' THEN ? ELSE state_reason END,"
-                "  state_changed = CASE WHEN state <> 'receiving' THEN excluded.state_changed"
-                "                 ELSE state_changed END,"
-                "  state = 'receiving'",
-                (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description, rec.size,
-                 now, now, now, reason),
-            )
+                    conn.execute("UPDATE series SET last_received = ? WHERE series_uid = ?", (now, old["series_uid"]))
+                    reopen(conn, old["series_uid"], now,
+                           f"instance {rec.sop_instance_uid} moved to another series: re-opened the series")
+            _touch_series(conn, rec, now, reason)
             conn.execute(
                 "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
                 " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -318,8 +282,8 @@ class Index:
         with self.transaction() as c:
             quiet = [
                 r[0] for r in c.execute(
-                    "SELECT series_uid FROM series WHERE state = 'receiving' AND last_received <= ?",
-                    (now - stable_seconds,),
+                    "SELECT series_uid FROM series WHERE state = ? AND last_received <= ?",
+                    (SeriesState.RECEIVING, now - stable_seconds),
                 )
             ]
             released = [
@@ -327,20 +291,17 @@ class Index:
                     "SELECT s.series_uid FROM series s"
                     " JOIN series_associations sa ON sa.series_uid = s.series_uid"
                     " JOIN associations a ON a.id = sa.association_id"
-                    " WHERE s.state = 'receiving' AND s.last_received > ?"
+                    " WHERE s.state = ? AND s.last_received > ?"
                     " GROUP BY s.series_uid"
                     " HAVING SUM(a.outcome IS NOT 'released') = 0"
                     "    AND MAX(a.closed_at) <= ? AND MAX(a.closed_at) >= s.last_received",
-                    (now - stable_seconds, now - grace_seconds),
+                    (SeriesState.RECEIVING, now - stable_seconds, now - grace_seconds),
                 )
             ]
             for uids, reason in ((quiet, f"no new instance for {stable_seconds:g} s"),
                                  (released, f"sender released the association {grace_seconds:g} s ago")):
-                c.executemany(
-                    "UPDATE series SET state = 'complete', state_changed = ?, state_reason = ?"
-                    " WHERE series_uid = ? AND state = 'receiving'",
-                    [(now, reason, u) for u in uids],
-                )
+                for u in uids:
+                    move(c, SERIES, SeriesState.COMPLETE, where={"series_uid": u}, reason=reason, changed_at=now)
         return quiet + released
 
     # -- reading ------------------------------------------------------------------------------------
@@ -358,12 +319,42 @@ class Index:
         ).fetchall()
         return [dict(r) for r in rows]
 
+    def series_instance_counts(self) -> dict[str, int]:
+        """Instances indexed per series: start-up recovery compares them with the spool's file counts."""
+        return {r[0]: r[1] for r in self.conn.execute("SELECT series_uid, instances FROM series")}
+
+    def instance_uids(self, series_uid: str) -> set[str]:
+        return {r[0] for r in self.conn.execute(
+            "SELECT sop_instance_uid FROM instances WHERE series_uid = ?", (series_uid,))}
+
     def series_events(self, series_uid: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT at, from_state, to_state, reason FROM series_events WHERE series_uid = ? ORDER BY id",
             (series_uid,),
         ).fetchall()
         return [dict(r) for r in rows]
+
+
+def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reopen_reason: str) -> None:
+    """Count an instance into its series (created ``receiving`` on the first); re-open it if it had moved on."""
+    state = conn.execute(
+        "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
+        " instances, bytes, first_received, last_received, state_changed, state_reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'first instance received')"
+        " ON CONFLICT(series_uid) DO UPDATE SET"
+        "  instances = instances + 1, bytes = bytes + excluded.bytes, last_received = excluded.last_received"
+        " RETURNING state",
+        (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description,
+         SERIES.initial(SeriesState.RECEIVING), rec.size, now, now, now),
+    ).fetchone()[0]
+    if state != SeriesState.RECEIVING:
+        reopen(conn, rec.series_uid, now, reopen_reason)
+
+
+def reopen(conn: sqlite3.Connection, series_uid: str, now: float, reason: str) -> bool:
+    """A series that had moved on (complete, processed, purging...) receives again: back to ``receiving``."""
+    return move(conn, SERIES, SeriesState.RECEIVING, where={"series_uid": series_uid}, reason=reason,
+                changed_at=now, also={"reopened": Sql("reopened + 1")}) > 0
 
 
 class _Duplicate(Exception):

@@ -16,11 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.store.index import Index
-
-QUEUED, PROCESSING, DONE, FAILED, NO_MODEL = "queued", "processing", "done", "failed", "no_model"
-EXPORTING, EXPORT_FAILED = "exporting", "export_failed"
-#: Series states that follow from jobs and outbox rows (a series receiving or complete again is left alone).
-SETTLED_STATES = (QUEUED, PROCESSING, EXPORTING, EXPORT_FAILED, DONE)
+from appliance.store.states import JOBS, OUTBOX, SERIES, SETTLED, JobState, OutboxState, SeriesState, Sql, move
 
 
 @dataclass(frozen=True)
@@ -37,32 +33,31 @@ class NewObject:
 def settle_series(c: Any, series_uid: str, now: float) -> None:
     """Series state from its jobs and outbox rows, unless the series is receiving again."""
     states = [r[0] for r in c.execute("SELECT state FROM jobs WHERE series_uid = ?", (series_uid,))]
-    if PROCESSING in states:
+    if JobState.PROCESSING in states:
         return
-    if QUEUED in states:
-        new, reason = QUEUED, "waiting for the worker"
-    elif FAILED in states:
-        failed = c.execute("SELECT model, reason FROM jobs WHERE series_uid = ? AND state = 'failed'",
-                           (series_uid,)).fetchall()
-        new, reason = FAILED, "; ".join(f"{m}: {r}" for m, r in failed)
+    new: SeriesState
+    if JobState.QUEUED in states:
+        new, reason = SeriesState.QUEUED, "waiting for the worker"
+    elif JobState.FAILED in states:
+        failed = c.execute("SELECT model, reason FROM jobs WHERE series_uid = ? AND state = ?",
+                           (series_uid, JobState.FAILED)).fetchall()
+        new, reason = SeriesState.FAILED, "; ".join(f"{m}: {r}" for m, r in failed)
     else:
         counts = dict(c.execute("SELECT state, count(*) FROM outbox WHERE series_uid = ? GROUP BY state",
                                 (series_uid,)).fetchall())
-        if counts.get("pending"):
-            new, reason = EXPORTING, f"sending {counts['pending']} result object(s)"
-        elif counts.get("dead"):
-            last = c.execute("SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = 'dead'"
-                             " ORDER BY id DESC LIMIT 1", (series_uid,)).fetchone()
-            new, reason = EXPORT_FAILED, (f"{counts['dead']} result object(s) not delivered; "
-                                          f"{last[0]}: {last[1]} (appliance outbox retry)")
-        elif counts.get("sent"):
-            new, reason = DONE, f"all models ran; {counts['sent']} result object(s) delivered"
+        if counts.get(OutboxState.PENDING):
+            new, reason = SeriesState.EXPORTING, f"sending {counts[OutboxState.PENDING]} result object(s)"
+        elif counts.get(OutboxState.DEAD):
+            last = c.execute("SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = ?"
+                             " ORDER BY id DESC LIMIT 1", (series_uid, OutboxState.DEAD)).fetchone()
+            new, reason = SeriesState.EXPORT_FAILED, (f"{counts[OutboxState.DEAD]} result object(s) not delivered; "
+                                                      f"{last[0]}: {last[1]} (appliance outbox retry)")
+        elif counts.get(OutboxState.SENT):
+            new, reason = SeriesState.DONE, f"all models ran; {counts[OutboxState.SENT]} result object(s) delivered"
         else:
-            new, reason = DONE, "all models ran (no destination configured)"
-    marks = ",".join("?" * len(SETTLED_STATES))
-    c.execute(f"UPDATE series SET state = ?, state_changed = ?, state_reason = ?"
-              f" WHERE series_uid = ? AND state IN ({marks}) AND (state <> ? OR state_reason <> ?)",
-              (new, now, reason, series_uid, *SETTLED_STATES, new, reason))
+            new, reason = SeriesState.DONE, "all models ran (no destination configured)"
+    move(c, SERIES, new, where={"series_uid": series_uid}, reason=reason, changed_at=now, only_from=SETTLED,
+         refresh=True)
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ class JobQueue:
         """Complete series waiting to be routed, oldest first, with the spool path of one instance."""
         rows = self.index.conn.execute(
             "SELECT s.series_uid, (SELECT path FROM instances i WHERE i.series_uid = s.series_uid LIMIT 1)"
-            " FROM series s WHERE s.state = 'complete' ORDER BY s.state_changed LIMIT ?", (limit,)
+            " FROM series s WHERE s.state = ? ORDER BY s.state_changed LIMIT ?", (SeriesState.COMPLETE, limit)
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
@@ -99,34 +94,36 @@ class JobQueue:
         now = time.time()
         with self.index.transaction() as c:
             state = c.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
-            if state is None or state[0] != "complete":
+            if state is None or state[0] != SeriesState.COMPLETE:
                 return 0  # re-opened meanwhile: route it when it completes again
             for model, priority, routes, dests in jobs:
-                c.execute(
-                    "INSERT INTO jobs(series_uid, model, routes, destinations, priority, state, queued_at, reason)"
-                    " VALUES (?, ?, ?, ?, ?, 'queued', ?, 'routed')"
-                    " ON CONFLICT(series_uid, model) DO UPDATE SET state = 'queued', generation = generation + 1,"
-                    "  attempts = 0, routes = excluded.routes, destinations = excluded.destinations,"
-                    "  priority = excluded.priority, queued_at = excluded.queued_at, started_at = NULL,"
-                    "  finished_at = NULL, worker_pid = NULL, reason = 'series changed: processing again'",
-                    (series_uid, model, json.dumps(routes), json.dumps(dests), priority, now),
-                )
+                cols = {"routes": json.dumps(routes), "destinations": json.dumps(dests), "priority": priority,
+                        "queued_at": now}
+                row = c.execute("SELECT id FROM jobs WHERE series_uid = ? AND model = ?", (series_uid, model)).fetchone()
+                if row is None:
+                    c.execute("INSERT INTO jobs(series_uid, model, routes, destinations, priority, state, queued_at,"
+                              " reason) VALUES (?, ?, ?, ?, ?, ?, ?, 'routed')",
+                              (series_uid, model, cols["routes"], cols["destinations"], priority,
+                               JOBS.initial(JobState.QUEUED), now))
+                else:  # processed before: a new generation, so a worker still on the old data cannot finish it
+                    move(c, JOBS, JobState.QUEUED, where={"id": row["id"]}, reason="series changed: processing again",
+                         refresh=True, also={**cols, "generation": Sql("generation + 1"), "attempts": 0,
+                                             "started_at": None, "finished_at": None, "worker_pid": None})
             # Results of the series as it was before a late instance re-opened it are not sent any more.
-            c.execute("UPDATE outbox SET state = 'superseded', last_error = 'series changed; newer results replace"
-                      " these' WHERE series_uid = ? AND state IN ('pending', 'dead')", (series_uid,))
+            move(c, OUTBOX, OutboxState.SUPERSEDED, where={"series_uid": series_uid},
+                 reason="series changed; newer results replace these")
             if jobs:
-                reason = "routed to " + ", ".join(j[0] for j in jobs)
-                new_state = QUEUED
+                reason, new_state = "routed to " + ", ".join(j[0] for j in jobs), SeriesState.QUEUED
             else:
-                reason, new_state = "no routing rule matches", NO_MODEL
-            c.execute("UPDATE series SET state = ?, state_changed = ?, state_reason = ? WHERE series_uid = ?",
-                      (new_state, now, reason, series_uid))
+                reason, new_state = "no routing rule matches", SeriesState.NO_MODEL
+            move(c, SERIES, new_state, where={"series_uid": series_uid}, reason=reason, changed_at=now)
         return len(jobs)
 
     def mark_series_failed(self, series_uid: str, reason: str) -> None:
+        """The router cannot route a complete series (its header is unreadable): a person must look."""
         with self.index.transaction() as c:
-            c.execute("UPDATE series SET state = 'failed', state_changed = ?, state_reason = ? WHERE series_uid = ?",
-                      (time.time(), reason, series_uid))
+            move(c, SERIES, SeriesState.FAILED, where={"series_uid": series_uid}, reason=reason,
+                 changed_at=time.time(), only_from=[SeriesState.COMPLETE])
 
     # -- worker ---------------------------------------------------------------------------------------
 
@@ -136,17 +133,16 @@ class JobQueue:
         with self.index.transaction() as c:
             row = c.execute(
                 "SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid"
-                " WHERE j.state = 'queued' AND s.state IN ('queued', 'processing')"
-                " ORDER BY j.priority DESC, j.queued_at, j.id LIMIT 1"
+                " WHERE j.state = ? AND s.state IN (?, ?)"
+                " ORDER BY j.priority DESC, j.queued_at, j.id LIMIT 1",
+                (JobState.QUEUED, SeriesState.QUEUED, SeriesState.PROCESSING),
             ).fetchone()
             if row is None:
                 return None
-            c.execute("UPDATE jobs SET state = 'processing', attempts = attempts + 1, started_at = ?,"
-                      " worker_pid = ?, reason = ? WHERE id = ?",
-                      (now, worker_pid, f"attempt {row['attempts'] + 1}", row["id"]))
-            c.execute("UPDATE series SET state = 'processing', state_changed = ?, state_reason = ?"
-                      " WHERE series_uid = ? AND state <> 'processing'",
-                      (now, f"running {row['model']}", row["series_uid"]))
+            move(c, JOBS, JobState.PROCESSING, where={"id": row["id"]}, reason=f"attempt {row['attempts'] + 1}",
+                 also={"attempts": Sql("attempts + 1"), "started_at": now, "worker_pid": worker_pid})
+            move(c, SERIES, SeriesState.PROCESSING, where={"series_uid": row["series_uid"]},
+                 reason=f"running {row['model']}", changed_at=now)
         return Job(id=row["id"], series_uid=row["series_uid"], model=row["model"], priority=row["priority"],
                    generation=row["generation"], attempts=row["attempts"] + 1,
                    destinations=json.loads(row["destinations"]))
@@ -161,13 +157,12 @@ class JobQueue:
         """
         now = time.time()
         with self.index.transaction() as c:
-            cur = c.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, reason = ?, backend = ?, device = ?, precision = ?,"
-                " timings = ?, result_dir = ?, worker_pid = NULL WHERE id = ? AND generation = ? AND state = 'processing'",
-                (DONE if ok else FAILED, now, reason, backend, device, precision,
-                 json.dumps(timings) if timings is not None else None, result_dir, job.id, job.generation),
-            )
-            if cur.rowcount == 0:
+            moved = move(c, JOBS, JobState.DONE if ok else JobState.FAILED, where={"id": job.id, "generation": job.generation},
+                         reason=reason, only_from=[JobState.PROCESSING],
+                         also={"finished_at": now, "backend": backend, "device": device, "precision": precision,
+                               "timings": json.dumps(timings) if timings is not None else None,
+                               "result_dir": result_dir, "worker_pid": None})
+            if moved == 0:
                 return False
             for obj in objects or []:
                 oid = c.execute(
@@ -177,16 +172,17 @@ class JobQueue:
                      obj.result_series_uid, obj.path, now)).lastrowid
                 for dest in job.destinations:
                     c.execute("INSERT INTO outbox(object_id, series_uid, destination, state, next_attempt_at,"
-                              " created_at) VALUES (?, ?, ?, 'pending', ?, ?)", (oid, job.series_uid, dest, now, now))
+                              " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                              (oid, job.series_uid, dest, OUTBOX.initial(OutboxState.PENDING), now, now))
             settle_series(c, job.series_uid, now)
         return True
 
     def give_back(self, job: Job) -> None:
         """A clean stop mid-job: back to the queue without counting the attempt."""
         with self.index.transaction() as c:
-            c.execute("UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_pid = NULL,"
-                      " reason = 'appliance stopped during the job' WHERE id = ? AND generation = ?"
-                      " AND state = 'processing'", (job.id, job.generation))
+            move(c, JOBS, JobState.QUEUED, where={"id": job.id, "generation": job.generation},
+                 reason="appliance stopped during the job", only_from=[JobState.PROCESSING],
+                 also={"attempts": Sql("attempts - 1"), "worker_pid": None})
             settle_series(c, job.series_uid, time.time())
 
     def recover(self, live_pids: set[int], max_attempts: int) -> tuple[int, int]:
@@ -194,19 +190,20 @@ class JobQueue:
         now = time.time()
         requeued = failed = 0
         with self.index.transaction() as c:
-            rows = c.execute("SELECT id, series_uid, attempts, worker_pid FROM jobs WHERE state = 'processing'").fetchall()
+            rows = c.execute("SELECT id, series_uid, attempts, worker_pid FROM jobs WHERE state = ?",
+                             (JobState.PROCESSING,)).fetchall()
             for r in rows:
                 if r["worker_pid"] in live_pids:
                     continue
                 if r["attempts"] >= max_attempts:
-                    c.execute("UPDATE jobs SET state = 'failed', finished_at = ?, worker_pid = NULL, reason = ?"
-                              " WHERE id = ?", (now, f"the worker stopped during this job {r['attempts']} times "
-                                                     "(crash, kill or out of memory); giving up", r["id"]))
-                    failed += 1
+                    failed += move(c, JOBS, JobState.FAILED, where={"id": r["id"]}, only_from=[JobState.PROCESSING],
+                                   reason=f"the worker stopped during this job {r['attempts']} times "
+                                          "(crash, kill or out of memory); giving up",
+                                   also={"finished_at": now, "worker_pid": None})
                 else:
-                    c.execute("UPDATE jobs SET state = 'queued', worker_pid = NULL, reason = ? WHERE id = ?",
-                              (f"worker stopped during attempt {r['attempts']}; retrying", r["id"]))
-                    requeued += 1
+                    requeued += move(c, JOBS, JobState.QUEUED, where={"id": r["id"]}, only_from=[JobState.PROCESSING],
+                                     reason=f"worker stopped during attempt {r['attempts']}; retrying",
+                                     also={"worker_pid": None})
                 settle_series(c, r["series_uid"], now)
         return requeued, failed
 

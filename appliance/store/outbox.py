@@ -16,8 +16,7 @@ from typing import Any
 
 from appliance.store.index import Index
 from appliance.store.jobs import settle_series
-
-PENDING, SENT, DEAD, SUPERSEDED = "pending", "sent", "dead", "superseded"
+from appliance.store.states import OUTBOX, OutboxState, Sql, move
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,13 @@ class Outbox:
         rows = self.index.conn.execute(
             "SELECT o.id, o.series_uid, o.destination, o.attempts, r.kind, r.sop_class_uid, r.sop_instance_uid,"
             " r.path FROM outbox o JOIN result_objects r ON r.id = o.object_id"
-            " WHERE o.state = 'pending' AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.id LIMIT ?",
-            (now, limit)).fetchall()
+            " WHERE o.state = ? AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.id LIMIT ?",
+            (OutboxState.PENDING, now, limit)).fetchall()
         return [OutboxRow(*tuple(r)) for r in rows]
 
     def next_due_at(self) -> float | None:
-        row = self.index.conn.execute("SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+        row = self.index.conn.execute("SELECT min(next_attempt_at) FROM outbox WHERE state = ?",
+                                      (OutboxState.PENDING,)).fetchone()
         return row[0]
 
     def record_sent(self, row: OutboxRow, status: str) -> None:
@@ -66,9 +66,8 @@ class Outbox:
         with self.index.transaction() as c:
             c.execute("INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 1, ?, NULL)",
                       (row.id, now, status))
-            cur = c.execute("UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_status = ?,"
-                            " last_error = NULL WHERE id = ? AND state = 'pending'", (now, status, row.id))
-            if cur.rowcount:
+            if move(c, OUTBOX, OutboxState.SENT, where={"id": row.id},
+                    also={"attempts": Sql("attempts + 1"), "sent_at": now, "last_status": status, "last_error": None}):
                 settle_series(c, row.series_uid, now)
 
     def record_failure(self, row: OutboxRow, detail: str, status: str | None, *, max_attempts: int,
@@ -79,13 +78,13 @@ class Outbox:
             c.execute("INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 0, ?, ?)",
                       (row.id, now, status, detail))
             cur = c.execute("SELECT attempts, state FROM outbox WHERE id = ?", (row.id,)).fetchone()
-            if cur is None or cur["state"] != PENDING:
-                return cur["state"] if cur else DEAD
+            if cur is None or cur["state"] != OutboxState.PENDING:
+                return OutboxState(cur["state"]) if cur else OutboxState.DEAD
             attempts = cur["attempts"] + 1
-            state = DEAD if permanent or attempts >= max_attempts else PENDING
-            c.execute("UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
-                      " last_error = ? WHERE id = ?",
-                      (state, attempts, now + backoff(attempts, base, cap), status, detail, row.id))
+            state = OutboxState.DEAD if permanent or attempts >= max_attempts else OutboxState.PENDING
+            move(c, OUTBOX, state, where={"id": row.id}, reason=detail, refresh=True,
+                 also={"attempts": attempts, "next_attempt_at": now + backoff(attempts, base, cap),
+                       "last_status": status})
             settle_series(c, row.series_uid, now)
         return state
 
@@ -96,19 +95,19 @@ class Outbox:
         now = time.time()
         with self.index.transaction() as c:
             if all_dead:
-                rows = c.execute("SELECT id, series_uid FROM outbox WHERE state = 'dead'").fetchall()
+                rows = c.execute("SELECT id, series_uid FROM outbox WHERE state = ?", (OutboxState.DEAD,)).fetchall()
             else:
                 marks = ",".join("?" * len(ids or []))
-                rows = c.execute(f"SELECT id, series_uid FROM outbox WHERE state = 'dead' AND id IN ({marks})",
-                                 tuple(ids or [])).fetchall()
+                rows = c.execute(f"SELECT id, series_uid FROM outbox WHERE state = ? AND id IN ({marks})",
+                                 (OutboxState.DEAD, *(ids or []))).fetchall()
             for r in rows:
-                c.execute("UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-                          " last_error = 'retry requested' WHERE id = ?", (now, r["id"]))
+                move(c, OUTBOX, OutboxState.PENDING, where={"id": r["id"]}, reason="retry requested",
+                     also={"attempts": 0, "next_attempt_at": now})
             for series_uid in {r["series_uid"] for r in rows}:
                 settle_series(c, series_uid, now)
         return len(rows)
 
-    def list(self, state: str | None = None, series_uid: str | None = None) -> list[dict[str, Any]]:
+    def list(self, state: OutboxState | str | None = None, series_uid: str | None = None) -> list[dict[str, Any]]:
         sql = ("SELECT o.id, o.series_uid, o.destination, o.state, o.attempts, o.next_attempt_at, o.created_at,"
                " o.sent_at, o.last_status, o.last_error, r.kind, r.sop_instance_uid, r.path, j.model"
                " FROM outbox o JOIN result_objects r ON r.id = o.object_id JOIN jobs j ON j.id = r.job_id")
