@@ -228,10 +228,10 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
             # (e.g. an anonymiser blanked its UIDs) must not hide them.
             print(f"appliance infer: warning: DICOM results not written: {exc}", file=sys.stderr)
     s = result.summary
-    organs = ", ".join(f"{o['name']} {o['volume_ml']:.1f} mL" for o in s["organs"])
+    organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in s.measurements.organs)
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
-    print(f"{out}: {files_made}: {organs}; {s['lesions']['count']} lesion(s); "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in s["timings_s"].items()))
+    print(f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion(s); "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in s.timings_s.items()))
     return 0
 
 

@@ -109,13 +109,12 @@ class Worker:
             return
         timings = {k: round(v, 3) for k, v in result.timings.items()}
         timings["total"] = round(time.perf_counter() - t0, 3)
-        lesions = result.summary["lesions"]
         objects = [NewObject(kind=o.kind, sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid,
                              result_series_uid=o.series_instance_uid, path=f"{rel}/{o.filename}") for o in made]
         if self.jobs.finish(job, ok=True, reason="done", backend=backend.name, device=backend.device,
                             precision=backend.precision, timings=timings, result_dir=rel, objects=objects):
             log.info("job %d done in %.1f s (%s): %d slices, %d lesion(s), %d result object(s) for %s; %s", job.id,
-                     timings["total"], backend.name, result.labels.shape[0], lesions["count"], len(objects),
+                     timings["total"], backend.name, result.labels.shape[0], result.summary.measurements.lesion_count, len(objects),
                      ", ".join(job.destinations) or "no destination",
                      ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
         else:

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from appliance.errors import DecodeError, GeometryError
-from appliance.infer.measure import measure
+from appliance.infer.measure import Measurements, measure
 from appliance.infer.preprocess import InputSpec, labels_to_model_grid, model_grid, resize2d, scores_to_source
 from appliance.infer.volume import decode_hu, load_volume
 from appliance.models.manifest import Code, Label
@@ -230,20 +230,20 @@ def test_measure_volumes_and_lesion_diameters() -> None:
     labels[3, 70:75, 60:80] = 2                                    # 5 x 20 px slab on one slice
     m = measure(labels, LABELS, (0.5, 0.5), 2.0, [f"1.2.{i}" for i in range(10)])
     voxel = 0.5 * 0.5 * 2.0 / 1000
-    assert m["labels"][0]["voxels"] == int((labels == 1).sum())
-    assert m["organs"][0]["volume_ml"] == pytest.approx(int((labels >= 1).sum()) * voxel, abs=1e-3)
-    les = m["lesions"]
-    assert les["count"] == 2
-    big, small = les["items"]
-    assert big["volume_ml"] == pytest.approx(int(((y - 30) ** 2 + (x - 30) ** 2 <= 100)[0].sum()) * 10 * voxel, abs=1e-3)
-    assert big["longest_axial_diameter_mm"] == pytest.approx(21 * 0.5, abs=0.5)
-    assert small["longest_axial_diameter_mm"] == pytest.approx(np.hypot(20, 5) * 0.5, abs=0.1)
-    assert small["slice_sop_instance_uid"] == "1.2.3"
+    assert m.labels[0].voxels == int((labels == 1).sum())
+    assert m.organs[0].volume_ml == pytest.approx(int((labels >= 1).sum()) * voxel, abs=1e-3)
+    assert m.lesion_count == 2
+    big, small = m.lesions
+    assert big.volume_ml == pytest.approx(int(((y - 30) ** 2 + (x - 30) ** 2 <= 100)[0].sum()) * 10 * voxel, abs=1e-3)
+    assert big.longest_axial_diameter_mm == pytest.approx(21 * 0.5, abs=0.5)
+    assert small.longest_axial_diameter_mm == pytest.approx(np.hypot(20, 5) * 0.5, abs=0.1)
+    assert small.slice_sop_instance_uid == "1.2.3"
+    assert Measurements.from_dict(m.to_dict()) == m, "summary.json reads back into the same measurements"
 
 
 def test_measure_empty_label_map() -> None:
     m = measure(np.zeros((3, 20, 20), np.uint8), LABELS, (1.0, 1.0), 1.0, ["1", "2", "3"])
-    assert m["lesions"]["count"] == 0 and m["organs"][0]["volume_ml"] == 0
+    assert m.lesion_count == 0 and m.organs[0].volume_ml == 0 and m.largest_diameter_mm == 0.0
 
 
 # -- appliance infer, end to end with a model whose right answer is known --------------------------------
@@ -301,3 +301,24 @@ def test_infer_cli_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "holds 2 series; choose one with --series" in r.stderr
     r = _infer(tmp_path, tmp_path / "empty", tmp_path / "o", model="nope")
     assert r.returncode == 2 and "no model package 'nope'" in r.stderr
+
+
+def test_summary_file_reads_back_typed_and_a_malformed_one_is_named(tmp_path: Path) -> None:
+    from appliance.infer.measure import SummaryFormatError
+    from appliance.infer.summary import BackendInfo, ModelInfo, SeriesInfo, Summary
+
+    labels = np.zeros((4, 30, 30), np.uint8)
+    labels[1:3, 5:25, 5:25] = 1
+    labels[2, 10:14, 10:14] = 2
+    s = Summary(ModelInfo("m", "1.0.0", "ab" * 32), BackendInfo("onnxruntime", "cpu", "fp32"),
+                SeriesInfo("1.2", "1.2.3", 4, 30, 30, (0.8, 0.8), 2.0, ("a warning",)),
+                measure(labels, LABELS, (0.8, 0.8), 2.0, ["1", "2", "3", "4"]), {"infer": 0.5})
+    path = tmp_path / "summary.json"
+    path.write_text(s.to_json())
+    back = Summary.read(path)
+    assert back == s and back.measurements.lesions[0].centroid_voxel == (2.0, 11.5, 11.5)
+    broken = s.to_dict()
+    del broken["lesions"]["items"][0]["slice_sop_instance_uid"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(SummaryFormatError, match="slice_sop_instance_uid"):
+        Summary.read(path)

@@ -29,6 +29,7 @@ from scipy import ndimage
 from appliance import __version__
 from appliance.errors import ResultsError
 from appliance.infer.measure import measure
+from appliance.infer.summary import BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.pipeline import SeriesResult, write_outputs
 from appliance.infer.volume import Volume, load_volume
 from appliance.models.package import ModelPackage, bundled_models_dir, load_package
@@ -65,13 +66,16 @@ def label_map(case: str) -> np.ndarray:
     return labels
 
 
-def summarise(volume: Volume, labels: np.ndarray, package: ModelPackage) -> dict[str, Any]:
+def summarise(volume: Volume, labels: np.ndarray, package: ModelPackage) -> Summary:
     """The summary as ``pipeline.run_series`` makes it."""
-    return {
-        "model": {"name": package.name, "version": package.version, "onnx_sha256": package.onnx_sha256},
-        "series": {"study_instance_uid": volume.study_uid, "series_instance_uid": volume.series_uid},
-        **measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing, volume.sop_instance_uids),
-    }
+    return Summary(
+        model=ModelInfo(package.name, package.version, package.onnx_sha256),
+        backend=BackendInfo("onnxruntime", "cpu", "fp32"),
+        series=SeriesInfo(volume.study_uid, volume.series_uid, int(labels.shape[0]), int(labels.shape[1]),
+                          int(labels.shape[2]), (volume.pixel_spacing[0], volume.pixel_spacing[1]), volume.slice_spacing),
+        measurements=measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing,
+                             volume.sop_instance_uids),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -359,11 +363,12 @@ def test_key_image_shows_the_largest_lesion_slice_with_outlines(built: Built, pa
 def test_caption_names_model_and_lesions(package: ModelPackage, volume: Volume) -> None:
     labels = label_map("lesions")
     summary = summarise(volume, labels, package)
-    lines = [t for t, _ in keyimage._caption_lines(package, summary, keyimage.label_colours(package), 8, N)]
+    m = summary.measurements
+    lines = [t for t, _ in keyimage._caption_lines(package, m, keyimage.label_colours(package), 8, N)]
     assert lines[0] == keyimage.CAPTION_WARNING
     assert f"{package.name} {package.version}" in lines[1]
-    les = summary["lesions"]
-    assert any(line.startswith(f"Lesions: {les['count']}") and f"{les['largest_diameter_mm']:.1f} mm" in line
+    assert m.lesion_count == 2
+    assert any(line.startswith(f"Lesions: {m.lesion_count}") and f"{m.largest_diameter_mm:.1f} mm" in line
                for line in lines)
 
 
@@ -380,7 +385,7 @@ def test_key_image_of_a_series_without_body_part_is_valid(volume: Volume, packag
     """Without BodyPartExamined, dciodvfy asks for Laterality (Type 2C): it is sent empty."""
     bare = without(volume, "BodyPartExamined")
     labels = label_map("lesions")
-    key = keyimage.render_key_image(bare, labels, package, summarise(bare, labels, package))
+    key = keyimage.render_key_image(bare, labels, package, summarise(bare, labels, package).measurements)
     sc = keyimage.make_sc(bare, labels, key, package)
     assert "BodyPartExamined" not in sc and sc.Laterality == ""
     path = tmp_path / "sc.dcm"
@@ -519,13 +524,13 @@ def test_run_series_output_builds_valid_results(tmp_path: Path) -> None:
         result = run_series(sorted((tmp_path / "ct").glob("*.dcm")), pkg, backend)
     finally:
         backend.close()
-    assert result.summary["lesions"]["count"] == 1
+    assert result.summary.measurements.lesion_count == 1
     out = tmp_path / "out"
     write_outputs(result, out)
     objects = build_results(result, pkg, out)
     groups = measurement_groups(pydicom.dcmread(out / "sr.dcm"))
-    les = result.summary["lesions"]["items"][0]
-    assert groups["Lesion 1"]["nums"][LONG_AXIS] == (les["longest_axial_diameter_mm"], "mm")
+    les = result.summary.measurements.lesions[0]
+    assert groups["Lesion 1"]["nums"][LONG_AXIS] == (les.longest_axial_diameter_mm, "mm")
     sc = pydicom.dcmread(out / "sc-1.dcm")
     area = (np.asarray(result.labels) == LESION).sum(axis=(1, 2))  # run_series keeps a compact LabelMap
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == result.volume.sop_instance_uids[int(area.argmax())]

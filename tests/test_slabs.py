@@ -23,7 +23,8 @@ from scipy import ndimage
 from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.infer.components import find_components
 from appliance.infer.labelmap import LabelMap
-from appliance.infer.measure import measure, measure_dense
+from appliance.infer.measure import Measurements, measure, measure_dense
+from appliance.infer.summary import BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.pipeline import SeriesResult, SlabPlan, labelmap_npz, plan_slabs, run_series, write_outputs
 from appliance.infer.postprocess import keep_largest_component, keep_largest_component_map
 from appliance.infer.preprocess import batch_input, model_grid, scores_to_labels, to_model_grid
@@ -78,9 +79,8 @@ def test_slabs_equal_the_whole_volume(series: list[Path], package, plan: SlabPla
     assert isinstance(result.labels, LabelMap)
     assert result.volume.hu is None  # nothing decoded was kept
     np.testing.assert_array_equal(result.labels.to_array(), ref_labels)
-    assert ref_measure["organs"][0]["voxels"] > 1000 and ref_measure["lesions"]["count"] >= 1, "phantom too easy"
-    for key in ("labels", "organs", "lesions", "voxel_volume_ml"):
-        assert result.summary[key] == ref_measure[key], key
+    assert ref_measure.organs[0].voxels > 1000 and ref_measure.lesion_count >= 1, "phantom too easy"
+    assert result.summary.measurements == ref_measure
 
 
 def _blobs(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_components_and_measurements_equal_whole_volume_labelling(seed: int, pac
     ref = keep_largest_component(lab, [1, 2])
     uids = [f"1.2.3.{i}" for i in range(lab.shape[0])]
     ref_m = measure_dense(ref, package.labels, (0.7, 0.8), 1.5, uids)
-    assert ref_m["lesions"]["count"] > 10  # ties, U shapes and joins across boundaries all occur
+    assert ref_m.lesion_count > 10  # ties, U shapes and joins across boundaries all occur
     for slab in (1, 2, 5, 64):
         lm = LabelMap.from_array(lab)
         keep_largest_component_map(lm, [1, 2], slab)
@@ -177,15 +177,17 @@ def test_key_image_and_outputs_same_from_compact_map(series: list[Path], package
     lab = np.zeros(vol.shape, np.uint8)
     lab[10:20, 40:90, 50:100] = 1
     lab[14:17, 60:70, 60:75] = 2
-    summary = {"organs": [], "lesions": {"count": 0}}
-    dense_key = render_key_image(vol, lab, package, summary)
-    compact_key = render_key_image(lazy, LabelMap.from_array(lab), package, summary)
+    measured = Measurements(voxel_volume_ml=0.001, labels=(), organs=(), lesions=())
+    dense_key = render_key_image(vol, lab, package, measured)
+    compact_key = render_key_image(lazy, LabelMap.from_array(lab), package, measured)
     assert dense_key.index == compact_key.index == 14
     np.testing.assert_array_equal(dense_key.rgb, compact_key.rgb)
-    write_outputs(SeriesResult(labels=LabelMap.from_array(lab), volume=lazy, summary={"x": 1}), tmp_path / "o")
+    summary = Summary(ModelInfo("m", "1", "0" * 64), BackendInfo("onnxruntime", "cpu", "fp32"),
+                      SeriesInfo(lazy.study_uid, lazy.series_uid, *lab.shape, (1.0, 1.0), 1.0), measured)
+    write_outputs(SeriesResult(labels=LabelMap.from_array(lab), volume=lazy, summary=summary), tmp_path / "o")
     out = np.load(tmp_path / "o" / "labelmap.npz")
     np.testing.assert_array_equal(out["labels"], lab)
-    assert json.loads((tmp_path / "o" / "summary.json").read_text()) == {"x": 1}
+    assert Summary.read(tmp_path / "o" / "summary.json") == summary
 
 
 def test_native_pixel_reads_equal_pydicom_decoding(series: list[Path], tmp_path: Path) -> None:

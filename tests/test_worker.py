@@ -17,6 +17,8 @@ from conftest import Appliance, parse_storescu, run_storescu
 from dicom_factory import blob_phantom, write_ct_volume
 from model_factory import hu_threshold_labels, write_package
 
+from appliance.infer.summary import Summary
+
 pytestmark = pytest.mark.slow
 
 FAST = {"stable_seconds": 3, "release_grace_seconds": 0.3, "poll_seconds": 0.1}
@@ -71,8 +73,8 @@ def test_series_is_routed_inferred_and_stored(appliance_factory: Any, tmp_path: 
     lm = np.load(app.data_dir / job["result_dir"] / "labelmap.npz")
     assert [str(u) for u in lm["sop_instance_uids"]] == uids
     np.testing.assert_array_equal(lm["labels"], hu_threshold_labels(hu.astype(np.float32)))
-    summary = json.loads((app.data_dir / job["result_dir"] / "summary.json").read_text())
-    assert summary["series"]["series_instance_uid"] == uid
+    summary = Summary.read(app.data_dir / job["result_dir"] / "summary.json")  # what was written reads back typed
+    assert summary.series.series_instance_uid == uid and summary.series.slices > 0
 
     states = [r["to_state"] for r in app.query(
         "SELECT to_state FROM series_events WHERE series_uid = ? ORDER BY id", (uid,))]

@@ -7,6 +7,8 @@ diameter, measured edge to edge on the slice where it is longest (as RECIST meas
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,115 @@ from appliance.models.manifest import Label
 
 #: SNOMED CT "Morphologically Altered Structure": labels of this category are counted as lesions.
 LESION_CATEGORY = "49755003"
+
+
+class SummaryFormatError(ValueError):
+    """A measurement summary (``summary.json``) lacks a field or has one of the wrong type."""
+
+
+@dataclass(frozen=True)
+class LabelVolume:
+    """One model label's own voxels (an organ label without the lesions inside it)."""
+
+    value: int
+    name: str
+    voxels: int
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class OrganVolume:
+    """An organ as a clinician means it: its label and the lesion labels inside it (``labels[0]`` is the organ)."""
+
+    name: str
+    labels: tuple[int, ...]
+    voxels: int
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One 3D connected part of a lesion label; ``index`` 1 is the largest by volume."""
+
+    index: int
+    label: int
+    volume_ml: float
+    longest_axial_diameter_mm: float
+    slice_index: int  # in geometric order, where the longest axial diameter was measured
+    slice_sop_instance_uid: str
+    centroid_voxel: tuple[float, float, float]  # (slice, row, column)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What a radiologist reads: volumes per label and organ, and each lesion. The SR, the key image's
+    caption and the panel read these attributes; ``summary.json`` holds them as :meth:`to_dict`."""
+
+    voxel_volume_ml: float
+    labels: tuple[LabelVolume, ...]
+    organs: tuple[OrganVolume, ...]
+    lesions: tuple[Lesion, ...]
+
+    @property
+    def lesion_count(self) -> int:
+        return len(self.lesions)
+
+    @property
+    def total_lesion_volume_ml(self) -> float:
+        return round(sum(les.volume_ml for les in self.lesions), 3)
+
+    @property
+    def largest_diameter_mm(self) -> float:
+        return max((les.longest_axial_diameter_mm for les in self.lesions), default=0.0)
+
+    def label_volume(self, value: int) -> LabelVolume | None:
+        return next((lv for lv in self.labels if lv.value == value), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary's measurement part, as ``summary.json`` has always held it."""
+        return {
+            "voxel_volume_ml": self.voxel_volume_ml,
+            "labels": [{"value": lv.value, "name": lv.name, "voxels": lv.voxels, "volume_ml": lv.volume_ml}
+                       for lv in self.labels],
+            "organs": [{"name": o.name, "labels": list(o.labels), "voxels": o.voxels, "volume_ml": o.volume_ml}
+                       for o in self.organs],
+            "lesions": {
+                "count": self.lesion_count,
+                "total_volume_ml": self.total_lesion_volume_ml,
+                "largest_diameter_mm": self.largest_diameter_mm,
+                "items": [{"label": les.label, "volume_ml": les.volume_ml,
+                           "longest_axial_diameter_mm": les.longest_axial_diameter_mm,
+                           "slice_index": les.slice_index, "slice_sop_instance_uid": les.slice_sop_instance_uid,
+                           "centroid_voxel": list(les.centroid_voxel), "index": les.index}
+                          for les in self.lesions],
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Measurements":
+        """Read back what :meth:`to_dict` wrote; :class:`SummaryFormatError` names the first bad field."""
+        try:
+            return cls(
+                voxel_volume_ml=float(d["voxel_volume_ml"]),
+                labels=tuple(LabelVolume(int(x["value"]), str(x["name"]), int(x["voxels"]), float(x["volume_ml"]))
+                             for x in d["labels"]),
+                organs=tuple(OrganVolume(str(x["name"]), tuple(int(v) for v in x["labels"]), int(x["voxels"]),
+                                         float(x["volume_ml"])) for x in d["organs"]),
+                lesions=tuple(Lesion(index=int(x["index"]), label=int(x["label"]), volume_ml=float(x["volume_ml"]),
+                                     longest_axial_diameter_mm=float(x["longest_axial_diameter_mm"]),
+                                     slice_index=int(x["slice_index"]),
+                                     slice_sop_instance_uid=str(x["slice_sop_instance_uid"]),
+                                     centroid_voxel=_triple(x["centroid_voxel"]))
+                              for x in d["lesions"]["items"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SummaryFormatError(f"the measurement summary is incomplete or malformed ({type(exc).__name__}: "
+                                     f"{exc})") from None
+
+
+def _triple(v: Any) -> tuple[float, float, float]:
+    a, b, c = (float(x) for x in v)
+    return (a, b, c)
 
 
 def _longest_in_plane(mask2d: np.ndarray, spacing: tuple[float, float]) -> float:
@@ -51,7 +162,7 @@ def _longest_of_pixels(rows: np.ndarray, cols: np.ndarray, spacing: tuple[float,
 
 
 def measure_dense(labels: np.ndarray, label_defs: list[Label], pixel_spacing: tuple[float, float],
-                  slice_spacing: float, sop_instance_uids: list[str]) -> dict[str, Any]:
+                  slice_spacing: float, sop_instance_uids: list[str]) -> Measurements:
     """The whole-volume measurement :func:`measure` replaced, kept as the reference the slab path is
     tested against (it labels the whole volume at once: 4 bytes a voxel)."""
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
@@ -73,19 +184,18 @@ def measure_dense(labels: np.ndarray, label_defs: list[Label], pixel_spacing: tu
                     if d > best:
                         best, best_z = d, sl[0].start + dz
             zc, rc, cc = ndimage.center_of_mass(sub)
-            lesions.append({
-                "label": lab.value,
-                "volume_ml": round(int(sizes[i]) * voxel_ml, 3),
-                "longest_axial_diameter_mm": round(best, 1),
-                "slice_index": int(best_z),
-                "slice_sop_instance_uid": sop_instance_uids[best_z],
-                "centroid_voxel": [round(zc + sl[0].start, 1), round(rc + sl[1].start, 1), round(cc + sl[2].start, 1)],
-            })
+            lesions.append(Lesion(
+                index=0, label=lab.value, volume_ml=round(int(sizes[i]) * voxel_ml, 3),
+                longest_axial_diameter_mm=round(best, 1), slice_index=int(best_z),
+                slice_sop_instance_uid=sop_instance_uids[best_z],
+                centroid_voxel=(float(round(zc + sl[0].start, 1)), float(round(rc + sl[1].start, 1)),
+                                float(round(cc + sl[2].start, 1))),
+            ))
     return _report(counts, lesions, label_defs, voxel_ml)
 
 
 def measure(labels: np.ndarray | LabelMap, label_defs: list[Label], pixel_spacing: tuple[float, float],
-            slice_spacing: float, sop_instance_uids: list[str], slab_slices: int = 64) -> dict[str, Any]:
+            slice_spacing: float, sop_instance_uids: list[str], slab_slices: int = 64) -> Measurements:
     """Label volumes, organ volumes and lesions of a label map, ``slab_slices`` slices at a time.
 
     The same numbers as :func:`measure_dense` (lesions numbered, ordered and measured identically), with
@@ -94,7 +204,7 @@ def measure(labels: np.ndarray | LabelMap, label_defs: list[Label], pixel_spacin
     lm = as_labelmap(labels)
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
     counts = lm.counts(256)
-    lesions: list[dict[str, Any]] = []
+    lesions: list[Lesion] = []
     for lab in label_defs:
         if lab.category.code != LESION_CATEGORY or counts[lab.value] == 0:
             continue
@@ -126,46 +236,29 @@ def measure(labels: np.ndarray | LabelMap, label_defs: list[Label], pixel_spacin
             # (numpy rounds 26.95 to 27.0 where Python's float gives 26.9).
             zc, rc, cc = (np.float64(sums[i, k]) / np.float64(n) for k in range(3))
             z0, r0, c0 = (int(v) for v in comps.lo[i])
-            lesions.append({
-                "label": lab.value,
-                "volume_ml": round(n * voxel_ml, 3),
-                "longest_axial_diameter_mm": round(float(best[i]), 1),
-                "slice_index": int(best_z[i]),
-                "slice_sop_instance_uid": sop_instance_uids[int(best_z[i])],
-                "centroid_voxel": [float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))],
-            })
+            lesions.append(Lesion(
+                index=0, label=lab.value, volume_ml=round(n * voxel_ml, 3),
+                longest_axial_diameter_mm=round(float(best[i]), 1), slice_index=int(best_z[i]),
+                slice_sop_instance_uid=sop_instance_uids[int(best_z[i])],
+                centroid_voxel=(float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))),
+            ))
     return _report(counts, lesions, label_defs, voxel_ml)
 
 
-def _report(counts: np.ndarray, lesions: list[dict[str, Any]], label_defs: list[Label],
-            voxel_ml: float) -> dict[str, Any]:
-    """The summary's measurement part from voxel counts per label value and the lesions found."""
-    out_labels = []
-    for lab in label_defs:
-        n = int(counts[lab.value])
-        out_labels.append({"value": lab.value, "name": lab.name, "voxels": n, "volume_ml": round(n * voxel_ml, 3)})
-    lesions.sort(key=lambda d: -d["volume_ml"])
-    for i, les in enumerate(lesions, start=1):
-        les["index"] = i
+def _report(counts: np.ndarray, lesions: list[Lesion], label_defs: list[Label], voxel_ml: float) -> Measurements:
+    """The measurements from voxel counts per label value and the lesions found (numbered here, largest first)."""
+    out_labels = tuple(LabelVolume(lab.value, lab.name, int(counts[lab.value]), round(int(counts[lab.value]) * voxel_ml, 3))
+                       for lab in label_defs)
+    lesions = sorted(lesions, key=lambda d: -d.volume_ml)  # stable: ties keep the order they were found in
+    numbered = tuple(dataclasses.replace(les, index=i) for i, les in enumerate(lesions, start=1))
     lesion_values = {lab.value for lab in label_defs if lab.category.code == LESION_CATEGORY}
     organ_values = {lab.value for lab in label_defs} - lesion_values
     organs = []
     # An organ's volume includes the lesions inside it (a liver volume with its metastases cut out is not
-    # what a clinician means by liver volume); the label's own volume stays in "labels".
+    # what a clinician means by liver volume); the label's own volume stays in ``labels``.
     for lab in label_defs:
         if lab.value in organ_values:
             inside = [d.value for d in label_defs if d.region is not None and d.region.code == lab.type.code]
             n = int(counts[lab.value] + sum(int(counts[v]) for v in inside))
-            organs.append({"name": lab.name, "labels": [lab.value, *inside], "voxels": n,
-                           "volume_ml": round(n * voxel_ml, 3)})
-    return {
-        "voxel_volume_ml": voxel_ml,
-        "labels": out_labels,
-        "organs": organs,
-        "lesions": {
-            "count": len(lesions),
-            "total_volume_ml": round(sum(d["volume_ml"] for d in lesions), 3),
-            "largest_diameter_mm": max((d["longest_axial_diameter_mm"] for d in lesions), default=0.0),
-            "items": lesions,
-        },
-    }
+            organs.append(OrganVolume(lab.name, (lab.value, *inside), n, round(n * voxel_ml, 3)))
+    return Measurements(voxel_volume_ml=voxel_ml, labels=out_labels, organs=tuple(organs), lesions=numbered)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from appliance.errors import InferenceError
 from appliance.infer.backends import Backend
 from appliance.infer.measure import measure
+from appliance.infer.summary import SUMMARY_FILE, BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.labelmap import LabelMap
 from appliance.infer.postprocess import keep_largest_component_map
 from appliance.infer.preprocess import context_indices, model_grid, prepare_slices, scores_to_labels
@@ -51,7 +51,7 @@ _POST_BYTES_PER_VOXEL = 12
 class SeriesResult:
     labels: LabelMap | np.ndarray  # (slices, rows, cols) uint8, slices in geometric order; compact when run here
     volume: Volume
-    summary: dict[str, Any]
+    summary: Summary
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -291,24 +291,20 @@ def _run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, 
     timings["decode"] += t_scan  # the header scan is part of reading the series
     trim_heap()  # the slabs' buffers are gone; what results build next then starts from a trimmed heap
     t = time.perf_counter()
-    summary = {
-        "model": {"name": package.name, "version": package.version, "onnx_sha256": package.onnx_sha256},
-        "backend": {"name": backend.name, "device": backend.device, "precision": backend.precision},
-        "series": {
-            "study_instance_uid": volume.study_uid,
-            "series_instance_uid": volume.series_uid,
-            "slices": int(labels.shape[0]),
-            "rows": int(labels.shape[1]),
-            "columns": int(labels.shape[2]),
-            "pixel_spacing_mm": list(volume.pixel_spacing),
-            "slice_spacing_mm": volume.slice_spacing,
-            "warnings": volume.warnings,
-        },
-        **measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing, volume.sop_instance_uids,
-                  slab_slices=plan.post),
-    }
+    measurements = measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing,
+                           volume.sop_instance_uids, slab_slices=plan.post)
     timings["measure"] = time.perf_counter() - t
-    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    summary = Summary(
+        model=ModelInfo(package.name, package.version, package.onnx_sha256),
+        backend=BackendInfo(backend.name, backend.device, backend.precision),
+        series=SeriesInfo(
+            study_instance_uid=volume.study_uid, series_instance_uid=volume.series_uid,
+            slices=int(labels.shape[0]), rows=int(labels.shape[1]), columns=int(labels.shape[2]),
+            pixel_spacing_mm=(float(volume.pixel_spacing[0]), float(volume.pixel_spacing[1])),
+            slice_spacing_mm=volume.slice_spacing, warnings=tuple(volume.warnings)),
+        measurements=measurements,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+    )
     return SeriesResult(labels=labels, volume=volume, summary=summary, timings=timings)
 
 
@@ -316,7 +312,7 @@ def write_outputs(result: SeriesResult, out_dir: Path) -> None:
     """``labelmap.npz`` (labels, sop_instance_uids) and ``summary.json``, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "labelmap.npz", labelmap_npz(result.labels, result.volume.sop_instance_uids))
-    write_atomic(out_dir / "summary.json", (json.dumps(result.summary, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out_dir / SUMMARY_FILE, result.summary.to_json().encode("utf-8"))
 
 
 def labelmap_npz(labels: LabelMap | np.ndarray, sop_instance_uids: Sequence[str], slab_slices: int = 32) -> bytes:

@@ -86,7 +86,7 @@ def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) ->
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ResultsError(f"cannot create the result directory {out_dir}: {exc}") from exc
-    volume, labels, summary = result.volume, result.labels, result.summary
+    volume, labels, measured = result.volume, result.labels, result.summary.measurements
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -94,10 +94,10 @@ def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) ->
     seg = make_seg(volume, labels, package, sources)
     timings["seg"] = time.perf_counter() - t
     t = time.perf_counter()
-    sr = make_sr(volume, summary, seg, package, sources)
+    sr = make_sr(volume, measured, seg, package, sources)
     timings["sr"] = time.perf_counter() - t
     t = time.perf_counter()
-    key = render_key_image(volume, labels, package, summary)
+    key = render_key_image(volume, labels, package, measured)
     sc = make_sc(volume, labels, key, package)
     timings["sc"] = time.perf_counter() - t
 

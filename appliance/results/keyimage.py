@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from appliance.errors import ResultsError
 from appliance.infer.labelmap import LabelMap, as_labelmap
-from appliance.infer.measure import LESION_CATEGORY
+from appliance.infer.measure import LESION_CATEGORY, Measurements
 from appliance.infer.volume import Volume
 from appliance.models.package import ModelPackage
 from appliance.results import identity
@@ -91,20 +91,19 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=OUTLINE_PX)
 
 
-def _caption_lines(package: ModelPackage, summary: dict[str, Any], colours: dict[int, tuple[int, int, int]],
+def _caption_lines(package: ModelPackage, measured: Measurements, colours: dict[int, tuple[int, int, int]],
                    index: int, slices: int) -> list[tuple[str, tuple[int, int, int]]]:
     white = (255, 255, 255)
     lines = [(CAPTION_WARNING, (255, 255, 0)), (f"Model {package.name} {package.version}", white)]
-    for organ in summary.get("organs", []):
-        first = organ.get("labels", [0])[0]
-        lines.append((f"{organ['name']}: {organ['volume_ml']:.1f} ml", colours.get(first, white)))
+    for organ in measured.organs:
+        first = organ.labels[0] if organ.labels else 0
+        lines.append((f"{organ.name}: {organ.volume_ml:.1f} ml", colours.get(first, white)))
     lesion_labels = [lab for lab in package.labels if lab.category.code == LESION_CATEGORY]
     if lesion_labels:
-        les = summary.get("lesions", {})
         colour = colours[lesion_labels[0].value]
-        if les.get("count"):
-            text = (f"Lesions: {les['count']}, largest {les['largest_diameter_mm']:.1f} mm, "
-                    f"total {les['total_volume_ml']:.1f} ml")
+        if measured.lesion_count:
+            text = (f"Lesions: {measured.lesion_count}, largest {measured.largest_diameter_mm:.1f} mm, "
+                    f"total {measured.total_lesion_volume_ml:.1f} ml")
             lines.append((text, colour))
         else:
             lines.append(("Lesions: none detected", colour))
@@ -140,7 +139,7 @@ def _caption_band(lines: list[tuple[str, tuple[int, int, int]]], cols: int) -> n
     return np.asarray(band, dtype=np.uint8)
 
 
-def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage, summary: dict[str, Any],
+def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage, measured: Measurements,
                      index: int | None = None) -> KeyImage:
     """The key image's RGB pixels (slice ``index``, by default ``key_slice``): what the SC and PNGs show."""
     if index is None:
@@ -159,7 +158,7 @@ def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: Mod
             continue
         mask = np.isin(sl, [lab.value, *inside])
         rgb[_outline(mask)] = colours[lab.value]
-    band = _caption_band(_caption_lines(package, summary, colours, index, labels.shape[0]), rgb.shape[1])
+    band = _caption_band(_caption_lines(package, measured, colours, index, labels.shape[0]), rgb.shape[1])
     return KeyImage(index=index, rgb=np.ascontiguousarray(np.concatenate([rgb, band], axis=0)), rows=rgb.shape[0])
 
 

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from appliance.errors import ResultsError
-from appliance.infer.measure import LESION_CATEGORY
+from appliance.infer.measure import LESION_CATEGORY, Measurements
 from appliance.infer.volume import Volume
 from appliance.models.manifest import Label
 from appliance.models.package import ModelPackage
@@ -56,9 +56,9 @@ def _sites(lab: Label) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=coded(lab.region))] if lab.region is not None else None
 
 
-def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
+def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
             package: ModelPackage, sources: list[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report of ``summary`` (from ``measure``) whose ROIs are the segments of ``seg``.
+    """A TID 1500 report of ``measured`` (from ``measure``) whose ROIs are the segments of ``seg``.
 
     ``sources`` is ``source_headers(volume)`` when the caller already made it for the SEG.
     """
@@ -69,12 +69,7 @@ def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
                            f"has {len(labels)} labels")
     number_of = {lab.value: n for n, lab in enumerate(labels, start=1)}
     by_value = {lab.value: lab for lab in labels}
-    try:
-        label_ml = {int(d["value"]): float(d["volume_ml"]) for d in summary["labels"]}
-        lesion_items = list(summary["lesions"]["items"])
-        organs = list(summary.get("organs", []))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ResultsError(f"cannot make the SR: the measurement summary is incomplete ({exc!r})") from None
+    label_ml = {lv.value: lv.volume_ml for lv in measured.labels}
     algorithm = hd.sr.AlgorithmIdentification(name=identity.lo(package.name), version=identity.lo(package.version))
     source_series = hd.sr.SourceSeriesForSegmentation(volume.series_uid)
 
@@ -94,7 +89,7 @@ def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
                                f"{lab.value} ({lab.name})")
         measurements = [volume_ml(label_ml[lab.value])]
         if lab.category.code == LESION_CATEGORY:
-            count = sum(1 for d in lesion_items if int(d["label"]) == lab.value)
+            count = sum(1 for les in measured.lesions if les.label == lab.value)
             measurements.append(hd.sr.Measurement(name=QUANTITY, value=count, unit=UNIT_LESIONS))
         item = segments[number_of[lab.value]]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -109,39 +104,39 @@ def make_sr(volume: Volume, summary: dict[str, Any], seg: hd.seg.Segmentation,
 
     # An organ's volume with the lesions inside it (what a clinician calls the liver volume) is no single
     # segment: it is reported as a measurement group of the organ without an image region.
-    for organ in organs:
-        parts = [int(v) for v in organ.get("labels", [])]
+    for organ in measured.organs:
+        parts = organ.labels
         if len(parts) < 2 or parts[0] not in by_value:
             continue
         lab = by_value[parts[0]]
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(),
-                                                         identifier=identity.lo(f"{organ['name']} including lesions")),
+                                                         identifier=identity.lo(f"{organ.name} including lesions")),
             finding_type=coded(lab.type),
             finding_category=coded(lab.category),
             algorithm_id=algorithm,
-            measurements=[volume_ml(float(organ["volume_ml"]))],
+            measurements=[volume_ml(organ.volume_ml)],
         ))
 
-    for d in lesion_items:
-        lab = by_value.get(int(d["label"]))
+    for les in measured.lesions:
+        lab = by_value.get(les.label)
         if lab is None:
-            raise ResultsError(f"cannot make the SR: lesion {d.get('index')} has label {d['label']}, "
+            raise ResultsError(f"cannot make the SR: lesion {les.index} has label {les.label}, "
                                f"which model {package.name} does not define")
         diameter = hd.sr.Measurement(
-            name=codes.SCT.LongAxis, value=float(d["longest_axial_diameter_mm"]), unit=UNIT_MM,
+            name=codes.SCT.LongAxis, value=les.longest_axial_diameter_mm, unit=UNIT_MM,
             referenced_images=[hd.sr.SourceImageForMeasurement(
                 referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
-                referenced_sop_instance_uid=str(d["slice_sop_instance_uid"]))],
+                referenced_sop_instance_uid=les.slice_sop_instance_uid)],
         )
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {int(d['index'])}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {les.index}"),
             referenced_segment=segment_ref(lab.value),
             finding_type=coded(lab.type),
             finding_category=coded(lab.category),
             finding_sites=_sites(lab),
             algorithm_id=algorithm,
-            measurements=[volume_ml(float(d["volume_ml"])), diameter],
+            measurements=[volume_ml(les.volume_ml), diameter],
         ))
 
     try:
