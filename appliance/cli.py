@@ -124,7 +124,7 @@ def cmd_models_list(cfg: Config, args: argparse.Namespace) -> int:
     models_dir = cfg.inference.resolved_models_dir()
     packages, refused = find_packages(models_dir)
     backends = _backends_here()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": p.name, "version": p.version, "task": p.manifest.task, "modality": p.manifest.modality,
             "labels": {str(lab.value): lab.name for lab in p.labels}, "path": str(p.path),

@@ -196,7 +196,8 @@ class Route(_Section):
                 if not cond:
                     raise ValueError(f"{key}: an empty list matches nothing")
             elif len(cond) == 2 and all(isinstance(v, (int, float)) for v in cond):
-                if cond[0] > cond[1]:
+                lo, hi = float(cond[0]), float(cond[1])
+                if lo > hi:
                     raise ValueError(f"{key}: range [{cond[0]}, {cond[1]}] has min > max")
             else:
                 raise ValueError(f"{key}: use a regex string, a list of strings (with '!' exclusions) "

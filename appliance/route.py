@@ -42,9 +42,10 @@ def condition_holds(ds: Dataset, keyword: str, cond: str | Sequence[str | float]
     if isinstance(cond, str):
         pattern = re.compile(cond, re.IGNORECASE)
         return any(pattern.fullmatch(v) for v in values)
-    if all(isinstance(c, str) for c in cond):
-        include = {c.upper() for c in cond if not c.startswith("!")}
-        exclude = {c[1:].upper() for c in cond if c.startswith("!")}
+    words = [c for c in cond if isinstance(c, str)]
+    if len(words) == len(cond):
+        include = {c.upper() for c in words if not c.startswith("!")}
+        exclude = {c[1:].upper() for c in words if c.startswith("!")}
         upper = [v.upper() for v in values]
         if any(v in exclude for v in upper):
             return False

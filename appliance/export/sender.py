@@ -128,11 +128,11 @@ class Sender:
             return 0
         sent = 0
         try:
-            for i, (row, ds) in enumerate(datasets):
+            for i, (row, out) in enumerate(datasets):
                 if self.stopping.is_set():
                     break  # the rest stay pending, due now: sent after the restart
                 try:
-                    rsp = assoc.send_c_store(ds)
+                    rsp = assoc.send_c_store(out)
                 except Exception as exc:  # no accepted context for this SOP class, a socket error, a bug...
                     # Every failure is an attempt: recorded, backed off, a dead letter after max_attempts.
                     self._fail(row, f"cannot send to {dest.ae_title}: {_describe(exc)}", None)

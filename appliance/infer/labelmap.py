@@ -46,8 +46,8 @@ class LabelMap:
             raise ValueError(f"slab {labels.shape} at {start}, {offset} does not fit a label map of {self.shape}")
         if labels.dtype != np.uint8:
             labels = labels.astype(np.uint8)
-        rows_any = labels.any(axis=2)  # (k, rows)
-        cols_any = labels.any(axis=1)  # (k, cols)
+        rows_any = np.asarray(labels.any(axis=2))  # (k, rows)
+        cols_any = np.asarray(labels.any(axis=1))  # (k, cols)
         for i in range(k):
             r = np.flatnonzero(rows_any[i])
             if r.size == 0:

@@ -228,6 +228,7 @@ def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, prog
         for i, (z0, z1) in enumerate(bounds):
             c0 = spans[i][0]
             t = time.perf_counter()
+            assert pending is not None  # submitted before the loop and at the end of each step
             prepared, read_s, resample_s = pending.result()
             wall = time.perf_counter() - t
             # The wait is split in proportion to what the threads did: reading and resampling run at once.
@@ -318,7 +319,6 @@ def write_outputs(result: SeriesResult, out_dir: Path) -> None:
 def labelmap_npz(labels: LabelMap | np.ndarray, sop_instance_uids: Sequence[str], slab_slices: int = 32) -> bytes:
     """``np.savez_compressed(labels=..., sop_instance_uids=...)`` bytes, the dense labels streamed into the
     archive ``slab_slices`` at a time: only the compressed file is ever whole in memory."""
-    lm = labels if isinstance(labels, LabelMap) else None
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         with zf.open("labels.npy", "w", force_zip64=True) as fid:
@@ -327,7 +327,8 @@ def labelmap_npz(labels: LabelMap | np.ndarray, sop_instance_uids: Sequence[str]
                                                        "fortran_order": False, "shape": shape})
             for a in range(0, shape[0], slab_slices):
                 b = min(shape[0], a + slab_slices)
-                part = lm.slab(a, b) if lm is not None else np.ascontiguousarray(labels[a:b], dtype=np.uint8)
+                part = (labels.slab(a, b) if isinstance(labels, LabelMap)
+                        else np.ascontiguousarray(labels[a:b], dtype=np.uint8))
                 fid.write(part.tobytes())
         with zf.open("sop_instance_uids.npy", "w", force_zip64=True) as fid:
             np.lib.format.write_array(fid, np.array(list(sop_instance_uids), dtype=np.str_), allow_pickle=False)

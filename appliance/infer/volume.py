@@ -226,8 +226,9 @@ def scan_series(paths: Sequence[Path]) -> Volume:
         raise InferenceError("the series has no instances")
     # (position along the normal, IPP, header, file, native pixel data offset)
     headers: list[tuple[float, tuple[float, ...], Dataset, Path, int | None]] = []
-    normal = orientation = None
-    shape = None
+    orientation: tuple[float, ...] | None = None  # the first slice's; normal and shape are set with it
+    normal = np.zeros(3)
+    shape = (0, 0)
     series_uid = None
     warnings: list[str] = []
     for p in paths:
@@ -254,6 +255,7 @@ def scan_series(paths: Sequence[Path]) -> Volume:
             raise GeometryError(f"{where}: {ds.Rows}x{ds.Columns} pixels differs from the series' {shape[0]}x{shape[1]}")
         headers.append((float(np.dot(normal, ipp)), ipp, ds, p, native))
 
+    assert orientation is not None  # paths is not empty
     headers.sort(key=lambda h: h[0])
     z = np.array([h[0] for h in headers])
     if len(z) > 1:

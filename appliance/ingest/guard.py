@@ -565,16 +565,15 @@ def guard_pynetdicom(limits: Limits) -> bool:
         log.error("pynetdicom %s is not the guarded version %s: PDU sizes are NOT bounded; install the pinned "
                   "version", pynetdicom.__version__, GUARDED_VERSION)
         return False
-    _dul.DULServiceProvider._read_pdu_data = read_pdu  # type: ignore[method-assign]
-    _dul.DULServiceProvider.run_reactor = _dul_run_guarded(  # type: ignore[method-assign]
-        _dul.DULServiceProvider.run_reactor)
-    _association.Association.run_reactor = _assoc_run_guarded(  # type: ignore[method-assign]
-        _association.Association.run_reactor)
     from pynetdicom import fsm as _fsm
 
-    _fsm.StateMachine.do_action = _do_action_guarded(_fsm.StateMachine.do_action)  # type: ignore[method-assign]
-    _dimse_messages.DIMSEMessage.decode_msg = _decode_msg_guarded(  # type: ignore[method-assign]
-        _dimse_messages.DIMSEMessage.decode_msg)
+    # setattr: these replace pynetdicom's own methods, which a type checker rightly refuses as assignments.
+    dul_cls, assoc_cls = _dul.DULServiceProvider, _association.Association
+    setattr(dul_cls, "_read_pdu_data", read_pdu)
+    setattr(dul_cls, "run_reactor", _dul_run_guarded(dul_cls.run_reactor))
+    setattr(assoc_cls, "run_reactor", _assoc_run_guarded(assoc_cls.run_reactor))
+    setattr(_fsm.StateMachine, "do_action", _do_action_guarded(_fsm.StateMachine.do_action))
+    setattr(_dimse_messages.DIMSEMessage, "decode_msg", _decode_msg_guarded(_dimse_messages.DIMSEMessage.decode_msg))
     for handler in logging.getLogger().handlers:
         handler.addFilter(OneLine())
     threading.excepthook = _thread_excepthook

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import IMPLEMENTATION_VERSION_NAME
@@ -91,10 +92,12 @@ class SharedSocketServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         if self.inherited_socket is None:
             raise RuntimeError("SharedSocketServer needs inherited_socket set before it is created")
-        self.socket.close()
-        self.socket = self.inherited_socket
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
+        if self.socket is not None:  # the one socketserver made: unused, every listener shares ours
+            self.socket.close()
+        sock = self.inherited_socket
+        self.socket = sock
+        sock.setblocking(False)
+        self.server_address = sock.getsockname()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.max_connections and live_acceptors() >= self.max_connections:
@@ -110,7 +113,8 @@ class SharedSocketServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         # Only this process's descriptor: shutdown() would stop the other listeners accepting too.
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
 
     def shutdown(self) -> None:
         # pynetdicom's shutdown() also unregisters from AE.start_server's list, which make_server
@@ -160,12 +164,12 @@ class Ingest:
         ae.network_timeout = self.config.dicom.network_timeout
         ae.acse_timeout = self.config.dicom.acse_timeout
         ae.dimse_timeout = 60
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(str(Verification))
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:  # pynetdicom's evt handler tuples
         return [
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ESTABLISHED, self.on_established),
@@ -179,7 +183,9 @@ class Ingest:
     def make_server(self, ae: AE, sock: socket.socket) -> SharedSocketServer:
         server_class = type("ListenerServer", (SharedSocketServer,), {
             "inherited_socket": sock, "max_connections": self.config.dicom.max_associations + PENDING_CONNECTIONS})
-        return ae.make_server(sock.getsockname()[:2], evt_handlers=self.handlers(), server_class=server_class)
+        server = ae.make_server(sock.getsockname()[:2], evt_handlers=self.handlers(), server_class=server_class)
+        assert isinstance(server, SharedSocketServer)
+        return server
 
     # -- association policy ------------------------------------------------------------------------
 
@@ -196,7 +202,8 @@ class Ingest:
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         # requestor.ae_title is only filled in later, during negotiation; the request has it now.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
         host = assoc.requestor.address
         if self._allowed and not any(ae == calling and (h is None or h == host) for ae, h in self._allowed):
             known_ae = any(ae == calling for ae, _ in self._allowed)
@@ -291,10 +298,11 @@ class Ingest:
 
     def on_store(self, event: evt.Event) -> int | Dataset:
         req = event.request
+        assert isinstance(req, C_STORE)  # EVT_C_STORE carries a C-STORE request
         stream = req.DataSet
         with self._lock:
             aid = self._ids.get(id(event.assoc))
-        args = (event.context.transfer_syntax, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+        args = (str(event.context.transfer_syntax), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
                 event.assoc.requestor.ae_title, aid)
         if isinstance(stream, SpilledDataset):  # too large for memory: it arrived into a file
             try:

@@ -7,6 +7,8 @@ which box and which release produced it (serial number, software version).
 
 from __future__ import annotations
 
+from typing import Any
+
 import socket
 
 from pydicom.uid import generate_uid
@@ -41,7 +43,7 @@ def device_uid() -> str:
     return generate_uid(entropy_srcs=[MANUFACTURER, MANUFACTURER_MODEL_NAME, device_serial()])
 
 
-def new_object(series_number: int) -> dict[str, object]:
+def new_object(series_number: int) -> dict[str, Any]:
     """The keyword arguments every highdicom result constructor takes for a new object from this device.
 
     One place for them, so SEG, SR and SC can never disagree on who made them.

@@ -215,7 +215,7 @@ def make_sc(volume: Volume, labels: np.ndarray | LabelMap, key: KeyImage, packag
             bits_allocated=8,
             coordinate_system="PATIENT",
             **identity.new_object(identity.SC_SERIES_NUMBER),
-            pixel_spacing=tuple(float(v) for v in volume.pixel_spacing),
+            pixel_spacing=(float(volume.pixel_spacing[0]), float(volume.pixel_spacing[1])),  # type: ignore[arg-type]  # highdicom annotates it tuple[int, int]; DICOM spacing is decimal
             patient_orientation=patient_orientation(volume.orientation),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=identity.lo(f"AI key image {package.name} {package.version}"),

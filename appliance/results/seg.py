@@ -8,6 +8,7 @@ versioned in every segment, so a reader can tell which model drew it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -116,8 +117,8 @@ def _as_if_given_all(seg: hd.seg.Segmentation, sources: list[Dataset]) -> None:
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     spacing, _ = get_volume_positions(
-        image_positions=np.array([[float(v) for v in s.ImagePositionPatient] for s in sources]),
-        image_orientation=np.array([float(v) for v in orientation]))
+        image_positions=[[float(v) for v in s.ImagePositionPatient] for s in sources],
+        image_orientation=[float(v) for v in orientation])
     if spacing is not None:
         measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     elif "SpacingBetweenSlices" in measures:
@@ -176,7 +177,7 @@ def make_seg(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackag
     sources = sources if sources is not None else source_headers(volume)
     lm = as_labelmap(labels)
     present = lm.nonempty()
-    common = dict(segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+    common: dict[str, Any] = dict(segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
                   **identity.new_object(identity.SEG_SERIES_NUMBER), content_label="AI_SEGMENTATION",
                   content_description=identity.lo(f"AI {package.name} {package.version}, not for diagnosis"),
                   series_description=identity.lo(f"AI SEG {package.name} {package.version}"), omit_empty_frames=True)
@@ -207,7 +208,7 @@ SEG_CHUNK_FRAMES = 64
 
 
 def _chunked_seg(lm: LabelMap, present: np.ndarray, sources: list[Dataset], package: ModelPackage,
-                 common: dict) -> hd.seg.Segmentation:
+                 common: dict[str, Any]) -> hd.seg.Segmentation:
     """The SEG highdicom makes from all of ``present`` at once, made ``SEG_CHUNK_FRAMES`` slices at a time.
 
     highdicom orders frames segment by segment, each segment's frames by position along its normal, and
@@ -260,8 +261,8 @@ def _chunked_seg(lm: LabelMap, present: np.ndarray, sources: list[Dataset], pack
     # out when frames differ by segment too), "3D" when the frames' planes are regularly spaced in input
     # (geometric) order; a chunk alone may be regular where the whole is not, or the other way round.
     if len(common["segment_descriptions"]) == 1 and present.size > 1:
-        positions = np.array([[float(v) for v in sources[int(i)].ImagePositionPatient] for i in present])
-        spacing, _ = get_volume_positions(image_positions=positions, image_orientation=np.array(ori, dtype=float),
+        positions = [[float(v) for v in sources[int(i)].ImagePositionPatient] for i in present]
+        spacing, _ = get_volume_positions(image_positions=positions, image_orientation=[float(v) for v in ori],
                                           sort=False)
         if spacing is not None and spacing > 0.0:
             base.DimensionOrganizationType = "3D"

@@ -119,10 +119,11 @@ def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
         ))
 
     for les in measured.lesions:
-        lab = by_value.get(les.label)
-        if lab is None:
+        found = by_value.get(les.label)
+        if found is None:
             raise ResultsError(f"cannot make the SR: lesion {les.index} has label {les.label}, "
                                f"which model {package.name} does not define")
+        lab = found
         diameter = hd.sr.Measurement(
             name=codes.SCT.LongAxis, value=les.longest_axial_diameter_mm, unit=UNIT_MM,
             referenced_images=[hd.sr.SourceImageForMeasurement(

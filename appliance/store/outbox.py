@@ -9,6 +9,7 @@ re-sends one object after restart (the PACS sees the same SOP Instance UID again
 
 from __future__ import annotations
 
+import builtins
 import random
 import time
 from dataclasses import dataclass
@@ -122,6 +123,6 @@ class Outbox:
             sql += " WHERE " + " AND ".join(where)
         return [dict(r) for r in self.index.conn.execute(sql + " ORDER BY o.id", args).fetchall()]
 
-    def attempts(self, outbox_id: int) -> list[dict[str, Any]]:
+    def attempts(self, outbox_id: int) -> builtins.list[dict[str, Any]]:  # ``list`` is a method here
         return [dict(r) for r in self.index.conn.execute(
             "SELECT at, ok, status, detail FROM outbox_attempts WHERE outbox_id = ? ORDER BY id", (outbox_id,))]

@@ -467,7 +467,7 @@ class TensorRTBackend:
         self.engines_dir = Path(engines_dir) if engines_dir is not None else DEFAULT_ENGINES_DIR
         self._cuda = cuda
         self._trt = trt = fl.module
-        self._ctx = None
+        self._ctx: Any = None  # pycuda's primary context, once the GPU is opened
         self._closed = False
         self._lock = threading.Lock()
         gpu_id = default_gpu_id(fl, gpu)
@@ -503,7 +503,7 @@ class TensorRTBackend:
                     f"{fl.name} {fl.version} cannot load the plan on {gpu.name} (compute capability {gpu.cc}"
                     + (f"; TensorRT-RTX plans target {_RTX_DEFAULT_TARGETS} by default" if fl.is_rtx else "")
                     + "): " + (" | ".join(self._logger.errors[-4:]) or "no reason given"))
-            self._runtime_cache = None
+            self._runtime_cache: tuple[Any, Any] | None = None  # (TensorRT runtime config, its cache)
             self._context = self._create_context()
             if self._context is None:
                 raise BackendUnavailable(f"{fl.name}: cannot create an execution context on {gpu.name}: "
