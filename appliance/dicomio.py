@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info  # noqa: PLC2701
 from pydicom.uid import UID
+from pydicom.tag import BaseTag
 
 #: Inflated bytes a header may take (everything before the pixel data); real headers are kilobytes.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -28,8 +29,8 @@ class HeaderError(ValueError):
     """The stored file's header cannot be read within its bounds."""
 
 
-def _at_pixels(tag: object, vr: object, length: object) -> bool:
-    return int(tag) in _PIXEL_TAGS  # type: ignore[call-overload]
+def _at_pixels(tag: BaseTag, vr: object, length: object) -> bool:
+    return int(tag) in _PIXEL_TAGS
 
 
 def read_header(path: str | Path) -> Dataset:

@@ -26,6 +26,7 @@ the listener runs the pinned pynetdicom, independently of the speed tuning in ``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +43,8 @@ import pynetdicom
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
+
+from appliance.ingest import pins
 
 log = logging.getLogger("appliance.ingest")
 
@@ -112,7 +115,7 @@ class SpilledDataset(BytesIO):
         os.write(self._fd, prefix)
         self.write(initial)
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
@@ -305,6 +308,7 @@ def violation(dul: Any, exc: ProtocolViolation) -> None:
 # -- DIMSE message size accounting and spilling ------------------------------------------------------
 
 def _decode_msg_guarded(orig: Callable[..., bool]) -> Callable[..., bool]:
+    @functools.wraps(orig)
     def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
         # Runs inside a state-machine action on the DUL thread: a violation is handled right here
         # (abort, close: the machine then sees the connection close) rather than raised into
@@ -412,6 +416,7 @@ def _run_end_hooks(assoc: Any) -> None:
 
 
 def _dul_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(orig)
     def run_reactor(self: Any) -> None:
         self._edge_connected = time.monotonic()
         sock = _raw_socket(self)
@@ -472,6 +477,7 @@ def _await_request(assoc: Any) -> bool:
 
 
 def _assoc_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(orig)
     def run_reactor(self: Any) -> None:
         try:
             if self.is_acceptor and not _await_request(self):
@@ -545,6 +551,7 @@ _ENDED_STATES = frozenset({"Sta1", "Sta2", "Sta13"})
 def _do_action_guarded(orig: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
     from pynetdicom.fsm import TRANSITION_TABLE
 
+    @functools.wraps(orig)
     def do_action(self: Any, event: str) -> None:
         if (event, self.current_state) not in TRANSITION_TABLE and event in _LOCAL_EVENTS \
                 and self.current_state in _ENDED_STATES:
@@ -564,6 +571,11 @@ def guard_pynetdicom(limits: Limits) -> bool:
     if pynetdicom.__version__ != GUARDED_VERSION:
         log.error("pynetdicom %s is not the guarded version %s: PDU sizes are NOT bounded; install the pinned "
                   "version", pynetdicom.__version__, GUARDED_VERSION)
+        return False
+    changed = pins.mismatches(pins.GUARD)
+    if changed:
+        log.error("pynetdicom %s differs from the source the bounds were written against (%s): PDU sizes are NOT "
+                  "bounded; reinstall pynetdicom==%s", pynetdicom.__version__, ", ".join(changed), GUARDED_VERSION)
         return False
     from pynetdicom import fsm as _fsm
 

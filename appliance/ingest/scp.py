@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table: invisible to a type checker
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -49,7 +49,7 @@ class AssociationSlots(Protocol):
     def __len__(self) -> int: ...
 
 
-class _ContextList(list):  # type: ignore[type-arg]
+class _ContextList(list):
     """Supported presentation contexts whose deepcopy is cheap.
 
     pynetdicom deep-copies the server's contexts for every association; with every storage SOP class

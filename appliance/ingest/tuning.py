@@ -11,23 +11,29 @@ association wakes 2000 times a second. Here the same loops wait *for the thing t
 * the Success C-STORE-RSP, sent once per instance, is encoded directly instead of through
   pydicom datasets (other responses take pynetdicom's path),
 
-each with a cap so timers, release and abort are still noticed promptly. Socket reads are not here:
+each with a cap so timers, release and abort are still noticed promptly. Only the sleep at the top of
+those two loops waits for work: every other ``time.sleep`` in pynetdicom (the settle delay after an
+abort, waits for a thread to end) stays a real sleep of the length asked for. Socket reads are not here:
 ``guard.py`` replaces pynetdicom's PDU read with a bounded one (larger reads, never sized by the
 peer's claim), whether or not these adjustments are on.
 
-The patches are applied only to the pinned version; for any other the appliance logs that it runs
+The patches are applied only when every callable they replace has the source they were written
+against (``pins.py``: hashes, not only the version); otherwise the appliance logs which differ and runs
 pynetdicom unmodified. ``APPLIANCE_PYNETDICOM_TUNING=0`` turns them off (used by the benchmark to
 show what they are worth).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -40,6 +46,8 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from appliance.ingest import pins
+
 log = logging.getLogger("appliance.ingest")
 
 TUNED_VERSION = "3.0.4"
@@ -49,13 +57,17 @@ DUL_WAIT_CAP = 0.02
 ASSOC_WAIT_CAP = 0.005
 
 _applied = False
+#: Code of the two reactor loops (pynetdicom's own, under any wrapper): only their sleeps become waits.
+_REACTOR_LOOPS: frozenset[Any] = frozenset()
 
 
 class _ReactorClock:
     """Stands in for the ``time`` module inside pynetdicom's reactor modules.
 
-    Everything is the real ``time`` except ``sleep`` called from a reactor thread that has a
-    wait strategy attached: it waits for its work instead of sleeping blindly.
+    Everything is the real ``time`` except ``sleep`` called by the body of a reactor loop on a thread that
+    has a wait strategy attached: it waits for its work instead of sleeping blindly. The caller is told by
+    its code object, so a sleep anywhere else (``Association.abort``'s settle delay, called on the same
+    thread from an event handler) is the real one.
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -64,10 +76,10 @@ class _ReactorClock:
     @staticmethod
     def sleep(seconds: float) -> None:
         wait = getattr(threading.current_thread(), "_edge_wait", None)
-        if wait is None:
-            time.sleep(seconds)
-        else:
+        if wait is not None and sys._getframe(1).f_code in _REACTOR_LOOPS:
             wait(seconds)
+        else:
+            time.sleep(seconds)
 
 
 def _dul_wait(dul: Any, seconds: float) -> None:
@@ -148,9 +160,18 @@ def tune_pynetdicom() -> bool:
         log.warning("pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
                     pynetdicom.__version__, TUNED_VERSION)
         return False
+    changed = pins.mismatches(pins.TUNING)
+    if changed:
+        log.warning("pynetdicom %s differs from the source the tuning was written against (%s): running it "
+                    "unmodified (slower ingest)", pynetdicom.__version__, ", ".join(changed))
+        return False
+    global _REACTOR_LOOPS
+    _REACTOR_LOOPS = frozenset({inspect.unwrap(_dul.DULServiceProvider.run_reactor).__code__,
+                                inspect.unwrap(_association.Association._run_reactor).__code__})
 
     orig_send_msg = _dimse.DIMSEServiceProvider.send_msg
 
+    @functools.wraps(orig_send_msg)
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
         # Fast path only for the plain Success response; anything else, or anyone listening for
         # EVT_DIMSE_SENT, goes through pynetdicom unchanged.
@@ -162,13 +183,13 @@ def tune_pynetdicom() -> bool:
             and primitive.OffendingElement is None
             and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
         ):
-            command = encode_store_success(
-                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID, primitive.MessageIDBeingRespondedTo
-            )
+            command = encode_store_success(str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID),
+                                           primitive.MessageIDBeingRespondedTo)
             max_pdu = self.maximum_pdu_size
             if not max_pdu or len(command) + 1 + 6 <= max_pdu:
                 pdata = P_DATA()
-                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # command, last fragment
+                # Command, last fragment. A list, not a tuple: pynetdicom's setter insists, its annotation says tuple.
+                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
                 self.dul.send_pdu(pdata)
                 return
         orig_send_msg(self, primitive, context_id)
@@ -179,6 +200,7 @@ def tune_pynetdicom() -> bool:
     orig_dul_run = dul_cls.run_reactor
     orig_assoc_run = _association.Association._run_reactor
 
+    @functools.wraps(orig_dul_init)
     def dul_init(self: Any, *args: Any, **kwargs: Any) -> None:
         orig_dul_init(self, *args, **kwargs)
         r, w = socket.socketpair()
@@ -187,6 +209,7 @@ def tune_pynetdicom() -> bool:
         self._edge_wake_r, self._edge_wake_w = r, w
         self._edge_wait = lambda seconds: _dul_wait(self, seconds)
 
+    @functools.wraps(orig_send_pdu)
     def send_pdu(self: Any, primitive: Any) -> None:
         orig_send_pdu(self, primitive)
         try:
@@ -194,6 +217,7 @@ def tune_pynetdicom() -> bool:
         except (BlockingIOError, OSError, AttributeError):
             pass  # a full pipe already means "wake up"; a closed one, that the DUL is gone
 
+    @functools.wraps(orig_dul_run)
     def dul_run(self: Any) -> None:
         try:
             orig_dul_run(self)
@@ -201,6 +225,7 @@ def tune_pynetdicom() -> bool:
             self._edge_wake_r.close()
             self._edge_wake_w.close()
 
+    @functools.wraps(orig_assoc_run)
     def assoc_run(self: Any) -> None:
         # Only acceptors: a requestor's user thread pauses the reactor between its own messages,
         # and a longer wait there would slow every send.
@@ -208,13 +233,14 @@ def tune_pynetdicom() -> bool:
             self._edge_wait = lambda seconds: _assoc_wait(self, seconds)
         orig_assoc_run(self)
 
-    dul_cls.__init__ = dul_init  # type: ignore[method-assign]
-    dul_cls.send_pdu = send_pdu  # type: ignore[method-assign]
-    dul_cls.run_reactor = dul_run  # type: ignore[method-assign]
-    _association.Association._run_reactor = assoc_run  # type: ignore[method-assign]
-    _dul.time = _ReactorClock()  # type: ignore[assignment]
-    _association.time = _ReactorClock()  # type: ignore[assignment]
-    _dimse.DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]
+    # setattr: these replace pynetdicom's own methods and module globals, which a type checker refuses.
+    setattr(dul_cls, "__init__", dul_init)
+    setattr(dul_cls, "send_pdu", send_pdu)
+    setattr(dul_cls, "run_reactor", dul_run)
+    setattr(_association.Association, "_run_reactor", assoc_run)
+    setattr(_dul, "time", _ReactorClock())
+    setattr(_association, "time", _ReactorClock())
+    setattr(_dimse.DIMSEServiceProvider, "send_msg", send_msg)
     _applied = True
     log.debug("pynetdicom %s tuned: event-driven reactor waits, direct C-STORE-RSP encoding", TUNED_VERSION)
     return True

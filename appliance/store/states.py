@@ -147,7 +147,7 @@ OUTBOX: Machine[OutboxState] = Machine("outbox", OutboxState, (
     _rule([_O.PENDING, _O.DEAD], _O.SUPERSEDED, "router: the series changed, newer results replace these"),
 ))
 
-MACHINES: dict[str, Machine] = {m.table: m for m in (SERIES, JOBS, OUTBOX)}  # type: ignore[type-arg]
+MACHINES: dict[str, Machine] = {m.table: m for m in (SERIES, JOBS, OUTBOX)}
 
 #: Column that says why a row is in its state, per table.
 _REASON_COLUMN = {"series": "state_reason", "jobs": "reason", "outbox": "last_error"}

@@ -43,4 +43,4 @@ class OnnxRuntimeBackend:
         return out
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None

@@ -264,7 +264,7 @@ def _check_precision(precision: str) -> None:
 def _make_logger(trt: ModuleType) -> Any:
     """A TensorRT logger that keeps errors (for exception messages) and passes warnings to our log."""
 
-    class _Logger(trt.ILogger):  # type: ignore[misc,name-defined]
+    class _Logger(trt.ILogger):  # type: ignore[name-defined]  # trt is imported lazily: no GPU stack, no type
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
