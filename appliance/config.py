@@ -7,19 +7,21 @@ A typo in a key must stop the start with a message naming it: a silently ignored
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from appliance.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # JetPack 6 ships Python 3.10
-    import tomli as tomllib
+from appliance.validation import TOMLDecodeError, loads_toml, problems
 
 #: Looked up in the working directory when ``--config`` is not given.
 DEFAULT_CONFIG_NAME = "appliance.toml"
@@ -237,16 +239,7 @@ class Config(_Section):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see README for the allowed keys)")
-        else:
-            got = e.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid configuration in {source}:", *(f"  {p}" for p in problems(err, show_input=True))])
 
 
 def parse_config(data: dict[str, Any], source: str = "<embedded defaults>") -> Config:
@@ -269,8 +262,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {p}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        data = loads_toml(raw.decode("utf-8"))
+    except (TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
     cfg = parse_config(data, str(p))
     return cfg.model_copy(update={"source": p})

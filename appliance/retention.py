@@ -20,12 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.store import Store
+from appliance.store import RESULTS_DIR, Store
 from appliance.store.purge import PURGE_BATCH, PurgeLedger
 
 log = logging.getLogger("appliance.retention")
 
-RESULTS_DIR = "results"
 
 
 class Purger:

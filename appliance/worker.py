@@ -21,15 +21,14 @@ from appliance.errors import ApplianceError
 from appliance.infer.backends import Backend, open_backend
 from appliance.infer.pipeline import limit_heap_retention, paused_gc, run_series, write_outputs
 from appliance.models.package import ModelPackage, installed_package
-from appliance.store import Store
+from appliance.store import RESULTS_DIR, Store
 from appliance.results import build_results
 from appliance.store.jobs import Job, JobQueue, NewObject
 from appliance.store.locks import hold_processes_lock
-from appliance.store.spool import fsync_dir
+from appliance.fsio import fsync_dir
 
 log = logging.getLogger("appliance.worker")
 
-RESULTS_DIR = "results"
 
 
 class _Stopping(BaseException):

@@ -33,7 +33,7 @@ from appliance.infer.postprocess import keep_largest_component_map
 from appliance.infer.preprocess import context_indices, model_grid, prepare_slices, scores_to_labels
 from appliance.infer.volume import Volume, scan_series
 from appliance.models.package import ModelPackage
-from appliance.store.spool import write_atomic
+from appliance.fsio import write_atomic
 
 log = logging.getLogger("appliance.infer")
 

@@ -18,25 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from appliance.models.manifest import InputSpec
 
 #: Slices resampled per task in :func:`to_model_grid`.
 _CHUNK = 8
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a 2D model expects, from its manifest's ``[input]`` and ``[normalisation]`` tables."""
-
-    #: Adjacent slices stacked as channels, centred on the slice predicted (1, 3, 5, ...).
-    channels: int
-    #: In-plane pixel spacing (row, column) in mm that slices are resampled to.
-    spacing_mm: tuple[float, float]
-    #: Padded height and width are multiples of this (the network's total down-sampling).
-    size_multiple: int
-    min_size: tuple[int, int]
-    max_size: tuple[int, int]
-    #: HU window mapped linearly onto [-1, 1]; values outside are clipped.
-    window: tuple[float, float]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -129,3 +130,19 @@ class Manifest(_Strict):
             if v not in values:
                 raise ValueError(f"postprocess.largest_component: {v} is not a label value")
         return self
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a 2D model expects, from its manifest's ``[input]`` and ``[normalisation]`` tables."""
+
+    #: Adjacent slices stacked as channels, centred on the slice predicted (1, 3, 5, ...).
+    channels: int
+    #: In-plane pixel spacing (row, column) in mm that slices are resampled to.
+    spacing_mm: tuple[float, float]
+    #: Padded height and width are multiples of this (the network's total down-sampling).
+    size_multiple: int
+    min_size: tuple[int, int]
+    max_size: tuple[int, int]
+    #: HU window mapped linearly onto [-1, 1]; values outside are clipped.
+    window: tuple[float, float]

@@ -7,20 +7,14 @@ missing or differs from its SHA-256: a half-copied or tampered model must never 
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from appliance.errors import ModelPackageError
-from appliance.infer.preprocess import InputSpec
-from appliance.models.manifest import Label, Manifest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - JetPack 6
-    import tomli as tomllib
+from appliance.models.manifest import InputSpec, Label, Manifest
+from appliance.validation import TOMLDecodeError, loads_toml, problems
 
 MANIFEST = "manifest.toml"
 MODEL_FILE = "model.onnx"
@@ -87,12 +81,7 @@ class ModelPackage:
 
 
 def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{key}: {msg}")
-    return "; ".join(parts)
+    return "; ".join(problems(err))
 
 
 def load_package(path: Path, *, verify: bool = True) -> ModelPackage:
@@ -101,12 +90,12 @@ def load_package(path: Path, *, verify: bool = True) -> ModelPackage:
     mpath = path / MANIFEST
     where = f"model package {path}"
     try:
-        data = tomllib.loads(mpath.read_text(encoding="utf-8"))
+        data = loads_toml(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelPackageError(f"{where}: no {MANIFEST}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelPackageError(f"{where}: cannot read {MANIFEST}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except TOMLDecodeError as exc:
         raise ModelPackageError(f"{where}: {MANIFEST} is not valid TOML: {exc}") from None
     try:
         manifest = Manifest.model_validate(data)

@@ -29,7 +29,7 @@ from appliance.results.keyimage import make_sc, render_key_image
 from appliance.results.preview import write_previews
 from appliance.results.seg import make_seg, source_headers
 from appliance.results.sr import make_sr
-from appliance.store.spool import fsync_dir, write_atomic
+from appliance.fsio import fsync_dir, write_atomic
 
 log = logging.getLogger("appliance.results")
 

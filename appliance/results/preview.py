@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from appliance.store.spool import write_atomic
+from appliance.fsio import write_atomic
 
 KEY_PNG = "key.png"
 THUMB_PNG = "thumb.png"

@@ -15,10 +15,12 @@ from appliance.store.perms import DIR_MODE, create_private_file
 from appliance.store.spool import DiskFullError, Spool, check_uid
 
 __all__ = [
-    "DiskFullError", "Index", "InstanceRecord", "Spool", "Store", "check_uid",
+    "RESULTS_DIR", "DiskFullError", "Index", "InstanceRecord", "Spool", "Store", "check_uid",
 ]
 
 INDEX_NAME = "index.sqlite3"
+#: Under the data directory: one folder per series and model with the job's outputs (worker writes, retention purges).
+RESULTS_DIR = "results"
 
 
 @dataclass

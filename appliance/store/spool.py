@@ -11,12 +11,12 @@ import errno
 import itertools
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.errors import InvalidUIDError, MissingUIDError, StoreError
+from appliance.fsio import fsync_dir, unlink_quietly
 
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 UID_MAX_LENGTH = 64
@@ -37,29 +37,6 @@ def check_uid(value: object, what: str) -> str:
     if not _UID_RE.fullmatch(uid):
         raise InvalidUIDError(f"{what} {uid[:80]!r} is not a DICOM UID (digits and dots only)")
     return uid
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, never half of
-    either: a temporary file in the same directory, fsync, rename. The caller fsyncs the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
 
 
 class DiskFullError(StoreError):
@@ -115,10 +92,10 @@ class Spool:
             os.rename(tmp, final)
             fsync_dir(parent)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise _store_error(exc, self.root, f"cannot store {final}") from exc
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
 
     def stage(self, chunks: Sequence[bytes | memoryview]) -> str:
@@ -140,17 +117,17 @@ class Spool:
             finally:
                 os.close(fd)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise _store_error(exc, self.root, f"cannot write {tmp}") from exc
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return tmp, size
 
     @staticmethod
     def discard(tmp: str) -> None:
         """Drop a staged file that will not be placed."""
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
 
     def remove(self, relpath: str) -> None:
         """Delete a spool file durably (a write whose index row never committed)."""
@@ -183,7 +160,7 @@ class Spool:
         pattern = f"{pid}-*{PART_SUFFIX}" if pid is not None else f"*{PART_SUFFIX}"
         removed = 0
         for p in self.incoming.glob(pattern):
-            _unlink_quietly(p)
+            unlink_quietly(p)
             removed += 1
         if removed:
             fsync_dir(self.incoming)
@@ -207,10 +184,3 @@ def _write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
         if views and n:
             views[0] = views[0][n:]
     return total
-
-
-def _unlink_quietly(p: str | Path) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
