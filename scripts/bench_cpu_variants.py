@@ -35,12 +35,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from appliance_dev.harness import log
+from appliance_dev.train.model import torch_model_from_onnx
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_inference import log, torch_model_from_onnx, train_module  # noqa: E402
-
 DEFAULT_JSON = ROOT / "bench-results" / "bench_cpu_variants.json"
 BATCH, SIZE, SLICES = 8, 176, 64
 
@@ -59,7 +57,7 @@ def ort_session(path: Path, threads: int) -> Any:
 def calibration_batches(package: Any, phantoms: int) -> list[np.ndarray]:
     """Serving-preprocessed slices of training-seed phantoms (seeds 0.., disjoint from held-out ones)."""
     from appliance.infer.preprocess import batch_input, model_grid, to_model_grid
-    from appliance.synthetic import sample_case
+    from appliance_dev.synthetic import sample_case
 
     spec = package.input_spec
     out = []
@@ -96,17 +94,20 @@ def untrained(width: int, folder: Path) -> tuple[Path, Any]:
     """The training architecture at ``width`` with seeded random weights and non-trivial BatchNorm statistics."""
     import torch
 
-    mod = train_module()
+    from appliance_dev.train.config import WIDTHS
+    from appliance_dev.train.export import export_onnx
+    from appliance_dev.train.model import build_model, fold_batchnorm
+
     torch.manual_seed(width)
-    widths = tuple(width * 2**i for i in range(len(mod.WIDTHS)))
-    model = mod.build_model(widths)
+    widths = tuple(width * 2**i for i in range(len(WIDTHS)))
+    model = build_model(widths)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
             m.running_mean.uniform_(-0.1, 0.1)
     path = folder / f"unet_w{width}.onnx"
-    mod.export_onnx(model, path)
-    return path, mod.fold_batchnorm(model).eval()
+    export_onnx(model, path)
+    return path, fold_batchnorm(model).eval()
 
 
 def round_time(run: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> float:

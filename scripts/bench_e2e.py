@@ -42,10 +42,11 @@ What is measured, per series (all clocks are this machine's ``time.time()``):
   kept in the JSON so other readings can be computed.
 
 How, and why:
-- One phantom patient (``appliance.synthetic``, seed ``--seed``) is rendered once on a 400 mm full field
+- One phantom patient (``appliance_dev.synthetic``, seed ``--seed``) is rendered once on a 400 mm full field
   of view (``--size`` matrix, 1 mm slices for 200 slices or more, a ~200 mm slab otherwise) so the liver
   model finds a liver and the SEG is not trivial; each series is written afresh from it with new Study,
-  Series and SOP Instance UIDs (a duplicate would take a cheaper path), with bench_ingest's full CT header.
+  Series and SOP Instance UIDs (a duplicate would take a cheaper path), with the benchmarks' full CT header
+  (``appliance_dev.ct_series``).
 - ``--peer both``: each run sends one series per peer, the peer order alternating between runs; each series
   goes to one destination only (routed on StationName), so one peer's delivery is never charged to the
   other. Series are sent one at a time, each after the previous one is done and the disk is flushed.
@@ -85,21 +86,15 @@ from pydicom.uid import generate_uid
 
 from appliance.errors import ApplianceError
 
-SCRIPTS = Path(__file__).resolve().parent
-PROJECT_ROOT = SCRIPTS.parent
-for _p in (str(SCRIPTS), str(PROJECT_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from bench_ingest import (
+from appliance_dev.ct_series import ct_slice, render_volume
+from appliance_dev.harness import (
     CALLING_AET,
     DCMTK_ENV,
+    PROJECT_ROOT,
     SUCCESS_MARK,
     BenchError,
     Children,
-    Receiver,
     bench_main,
-    ct_slice,
     find_dcmtk,
     find_orthanc,
     fmt,
@@ -108,9 +103,8 @@ from bench_ingest import (
     log_tail,
     progress,
     settle,
-    start_orthanc,
-    wait_ready,
 )
+from appliance_dev.receivers import Receiver, start_orthanc, wait_ready
 
 DEFAULT_JSON = PROJECT_ROOT / "bench-results" / "bench_e2e.json"
 MODEL = "liver-ct-demo"
@@ -120,7 +114,6 @@ OVERHEAD_GOAL_S = 3.0
 PEERS = ("storescp", "orthanc")
 #: StationName that routes a series to one peer only.
 STATION = {"storescp": "E2E_TO_STORESCP", "orthanc": "E2E_TO_ORTHANC"}
-FOV_MM = 400.0  # bench_ingest.ct_slice writes PixelSpacing = 0.78125 * 512 / size, i.e. a 400 mm field of view
 WARMUP_SLICES = 16
 TERMINAL = {"done", "failed", "export_failed", "no_model", "purged"}
 RELEASE_MARK = "Releasing Association"
@@ -130,7 +123,8 @@ RELEASE_MARK = "Releasing Association"
 
 
 class Procs(Children):
-    """bench_ingest's Children, plus children whose output we read ourselves (through a pipe)."""
+    """The benchmarks' Children (``appliance_dev.harness``), plus children whose output we read ourselves
+    (through a pipe)."""
 
     def start_piped(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -183,32 +177,6 @@ def start_appliance(children: Children, exe: Path, work: Path, peers: dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- series
-
-
-def slab_spacing(slices: int) -> float:
-    """1 mm slices for a long series (300 slices: a 300 mm abdomen); a ~200 mm slab for short ones, so a
-    smoke run still crosses the whole liver."""
-    return 1.0 if slices >= 200 else round(200.0 / slices, 3)
-
-
-def render_volume(slices: int, size: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Stored values (HU + 1024, int16), superior slice first (bench_ingest.ct_slice puts slice i at
-    z = -i * spacing), of one phantom patient, centred on the liver."""
-    from appliance.synthetic import make_phantom, sample_spec
-
-    spacing = slab_spacing(slices)
-    spec = dataclasses.replace(sample_spec(seed, n_slices=slices, fov_kind="full"), fov_mm=FOV_MM, rows=size,
-                               cols=size, slice_thickness=spacing, slice_spacing=spacing, z_center=None)
-    hu, labels, meta = make_phantom(spec)
-    vol = (hu[::-1].astype(np.int32) + 1024).astype(np.int16)
-    info = {
-        "seed": seed, "fov_mm": FOV_MM, "slice_spacing_mm": spacing, "phase": spec.phase,
-        "noise_hu": round(spec.noise_hu, 1), "liver_height_mm": round(float(meta["liver_height_mm"]), 1),
-        "lesions_in_patient": int(meta["n_lesions"]),
-        "liver_voxels": int((labels == 1).sum()), "lesion_voxels": int((labels == 2).sum()),
-        "liver_ml_truth": round(float((labels >= 1).sum()) * (FOV_MM / size) ** 2 * spacing / 1000.0, 1),
-    }
-    return np.ascontiguousarray(vol), info
 
 
 def write_series(vol: np.ndarray, folder: Path, peer: str, label: str, spacing: float) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -34,33 +33,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from appliance.infer.preprocess import batch_input, model_grid
+from appliance.models.package import bundled_models_dir, load_package
+from appliance_dev.harness import log
+from appliance_dev.train.model import torch_model_from_onnx
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from appliance.infer.preprocess import batch_input, model_grid  # noqa: E402
-from appliance.models.package import bundled_models_dir, load_package  # noqa: E402
-
 DEFAULT_JSON = ROOT / "bench-results" / "bench_inference.json"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def train_module() -> Any:
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def torch_model_from_onnx(onnx_path: Path, channels: int) -> Any:
-    """The training architecture, batch-norm folded as exported, with model.onnx's weights loaded by name."""
-    try:
-        return train_module().model_from_onnx(onnx_path, channels).eval()
-    except ValueError as exc:
-        raise SystemExit(f"bench: {exc}; retrain or fix") from exc
 
 
 def time_runner(run: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]) -> float:
@@ -74,10 +53,8 @@ def series_timing(package: Any, threads: int) -> dict[str, float]:
     """The whole series path on a 300-slice 512x512 phantom written as DICOM files."""
     from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
     from appliance.infer.pipeline import run_series
-    from appliance.synthetic import make_phantom, sample_spec
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from dicom_factory import write_ct_volume
+    from appliance_dev.dicom_factory import write_ct_volume
+    from appliance_dev.synthetic import make_phantom, sample_spec
 
     spec = sample_spec(7, n_slices=300, fov_kind="full")
     spec = type(spec)(**{**spec.__dict__, "rows": 512}) if hasattr(spec, "rows") else spec

@@ -6,11 +6,12 @@ Run from the project root with the project's environment:
     .venv/bin/python scripts/bench_memory.py [--slices 300 1000] [--long] [--reference d83b19a]
 
 For each length, a thin-slice synthetic abdominal CT of 512x512 slices is written (one phantom patient,
-``appliance.synthetic``, rendered once as bench_e2e renders it: 300 slices of 1 mm; a series of n slices
+``appliance_dev.synthetic``, rendered once as bench_e2e renders it: 300 slices of 1 mm; a series of n slices
 covers the same 300 mm at 300/n mm, each slice interpolated between the two nearest rendered ones, so the
 liver is on the same share of slices at every length, as in a real thin-slice reconstruction) with
-bench_ingest's full CT header. Then ``appliance infer`` runs on it as a subprocess, exactly as an operator
-runs it (label map, summary, SEG, SR, key image and previews written), and what it costs is recorded:
+the benchmarks' full CT header (``appliance_dev.ct_series``). Then ``appliance infer`` runs on it as a
+subprocess, exactly as an operator runs it (label map, summary, SEG, SR, key image and previews written),
+and what it costs is recorded:
 
 - ``peak_rss``: the child's peak resident set size, its ``VmHWM`` (the kernel's high-water mark since the
   exec, what ``/usr/bin/time -v`` reports for a small parent) sampled from ``/proc/<pid>/status`` every
@@ -50,13 +51,8 @@ from typing import Any
 
 import numpy as np
 
-SCRIPTS = Path(__file__).resolve().parent
-PROJECT_ROOT = SCRIPTS.parent
-for _p in (str(SCRIPTS), str(PROJECT_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from bench_ingest import BenchError, Children, bench_main, ct_slice, fmt, host_info, log_tail, progress  # noqa: E402
+from appliance_dev.ct_series import ct_slice, render_volume
+from appliance_dev.harness import PROJECT_ROOT, BenchError, Children, bench_main, fmt, host_info, log_tail, progress
 
 DEFAULT_JSON = PROJECT_ROOT / "bench-results" / "bench_memory.json"
 MODEL = "liver-ct-demo"
@@ -108,8 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def render_base(size: int, seed: int) -> np.ndarray:
     """bench_e2e's phantom: stored values (HU + 1024, int16), 300 slices of 1 mm, superior first."""
-    from bench_e2e import render_volume
-
     vol, _ = render_volume(BASE_SLICES, size, seed)
     return vol
 

@@ -28,14 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-_p = str(Path(__file__).resolve().parent)
-if _p not in sys.path:
-    sys.path.insert(0, _p)
-
-from bench_ingest import (  # noqa: E402
-    DCMTK_ENV, PROJECT_ROOT, BenchError, Children, ListenerRss, bench_main, find_dcmtk, free_port, make_volume,
-    progress, wait_port, write_series,
+from appliance_dev.ct_series import make_volume, write_series
+from appliance_dev.harness import (
+    DCMTK_ENV, PROJECT_ROOT, BenchError, Children, bench_main, find_dcmtk, free_port, progress, wait_port,
 )
+from appliance_dev.receivers import ListenerRss
 
 DEFAULT_JSON = PROJECT_ROOT / "bench-results" / "bench_pdu_size.json"
 SENDERS = ("storescu", "pynetdicom")

@@ -8,7 +8,7 @@ takes the argmax and the largest 3D component, and reports
 (a) global liver and lesion Dice on held-out synthetic phantoms (seeds disjoint from training), and
 (b) liver Dice on the real portal-venous CT in ``../shared/data/real-ct-abdomen`` (never trained on: it is
     the honest measure of how the synthetic training transfers to real anatomy), as acquired and as the
-    targeted (250 and 180 mm) and thick-slab views derived from it (``real_ct.py``).
+    targeted (250 and 180 mm) and thick-slab views derived from it (``appliance_dev.real_ct``).
 
 Liver Dice counts labels 1 and 2 together as the organ (a lesion is part of the liver).
 
@@ -27,20 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from appliance.infer.postprocess import keep_largest_component  # noqa: E402
-from appliance.infer.preprocess import InputSpec, batch_input, model_grid, scores_to_source, to_model_grid  # noqa: E402
+from appliance.infer.postprocess import keep_largest_component
+from appliance.infer.preprocess import InputSpec, batch_input, model_grid, scores_to_source, to_model_grid
+from appliance_dev.real_ct import REAL_CT, dice, real_views
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from real_ct import REAL_CT, dice, real_views  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_SEED0 = 1_000_000
 
 
@@ -114,7 +110,7 @@ def lesion_error_terms(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
 
 
 def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
-    from appliance.synthetic import sample_case
+    from appliance_dev.synthetic import sample_case
 
     acc: dict[str, dict[str, list[int]]] = {name: {} for name, _ in models}
     found: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in models}
@@ -164,7 +160,7 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
 
 
 def eval_real(models: list[tuple[str, tuple]], folder: Path) -> None:
-    """Liver Dice on the real series as acquired and on the views derived from it (see real_ct.py)."""
+    """Liver Dice on the real series as acquired and on the views derived from it (see appliance_dev/real_ct.py)."""
     for view in real_views(folder):
         for name, (man, spec, sess) in models:
             t0 = time.time()

@@ -8,7 +8,6 @@ fails (it says which), so the log always comes back complete.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import traceback
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from appliance.infer.backends import tensorrt as trtb  # noqa: E402
-from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from appliance.infer.backends import tensorrt as trtb
+from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
+from appliance_dev.model_factory import write_tiny_package
 
 
 def heavy_onnx(width: int = 32, layers: int = 6) -> bytes:
@@ -65,8 +62,6 @@ def timed(fn, n: int) -> float:
 
 
 def main() -> None:
-    import test_tensorrt_backend as tt  # write_package, tiny_onnx
-
     work = Path(tempfile.mkdtemp(prefix="trt-timing-"))
 
     @step("environment")
@@ -82,7 +77,7 @@ def main() -> None:
     def _() -> None:
         fl = trtb.trt_flavour()
         trt = fl.module
-        pkg = tt.write_package(work / "probe")
+        pkg = write_tiny_package(work / "probe")
         targets = [None]
         if fl.is_rtx:
             targets.append("CURRENT")
@@ -119,7 +114,7 @@ def main() -> None:
         @step(f"{label}: build, open, run {shape}")
         def _(label=label, onnx_bytes=onnx_bytes, shape=shape, iters=iters) -> None:
             name = label.split()[0]
-            pkg = tt.write_package(work / name, "tinyseg", onnx_bytes=onnx_bytes)
+            pkg = write_tiny_package(work / name, "tinyseg", onnx_bytes=onnx_bytes)
             x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             ort = OnnxRuntimeBackend(pkg)
             ref = ort.run(x)

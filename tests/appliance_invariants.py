@@ -219,7 +219,7 @@ def storable(ds: Any) -> Any:
 
 def parallel_senders(app: Appliance, ledger: Ledger, n: int) -> list[str]:
     """``n`` associations held open at once; each must be accepted, C-ECHO and C-STORE. Problems."""
-    from dicom_factory import ct_dataset
+    from appliance_dev.dicom_factory import ct_dataset
 
     problems: list[str] = []
     assocs: list[Any] = [None] * n

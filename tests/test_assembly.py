@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from conftest import CALLED_AE, Appliance, parse_storescu, pynetdicom_ae, run_storescu
-from dicom_factory import ct_dataset, make_series
+from appliance_dev.dicom_factory import ct_dataset, make_series
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.ingest.status import StoreStatus
 from conftest import CALLED_AE, Appliance, pynetdicom_ae, raw_c_store
-from dicom_factory import dataset_bytes_of_file
+from appliance_dev.dicom_factory import dataset_bytes_of_file
 from dicom_structure import Malformed, check_dataset
 
 pytestmark = pytest.mark.slow

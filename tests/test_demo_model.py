@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import appliance_exe
-from dicom_factory import write_ct_volume
+from appliance_dev.dicom_factory import write_ct_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "data" / "real-ct-abdomen"
@@ -71,7 +71,7 @@ def test_real_ct_with_blank_uids_still_gives_the_label_map(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_held_out_phantoms(tmp_path: Path) -> None:
     """Phantoms the model never saw, one full field of view and one targeted reconstruction."""
-    from appliance.synthetic import make_phantom, sample_spec
+    from appliance_dev.synthetic import make_phantom, sample_spec
 
     liver = lesion = 0.0
     for seed, kind in zip(TEST_SEEDS, ("full", "targeted")):
@@ -114,12 +114,12 @@ REAL_CT_LIVER_DICE_FLOOR = 0.90
 @pytest.mark.slow
 def test_real_ct_targeted_and_thick_views_liver(tmp_path: Path) -> None:
     """The real CT as a clinic also sends it: a targeted 180 mm reconstruction (the liver fills the image, no body
-    outline) and 4 mm slabs, derived from the real series (scripts/real_ct.py), through `appliance infer`."""
+    outline) and 4 mm slabs, derived from the real series (appliance_dev/real_ct.py), through `appliance infer`."""
     if not REAL_CT.is_dir():
         pytest.skip(f"the shared real CT is not at {REAL_CT}")
-    from script_loader import load_script
+    from appliance_dev.real_ct import real_views
 
-    views = {v.name: v for v in load_script("real_ct").real_views(REAL_CT)}
+    views = {v.name: v for v in real_views(REAL_CT)}
     for name in ("targeted 180 mm", "4 mm slabs"):
         view = views[name]
         folder = tmp_path / name.replace(" ", "-")
@@ -155,10 +155,11 @@ def test_exported_model_turns_back_into_the_same_pytorch_network() -> None:
     """`model_from_onnx` (used by --init and the benchmark's PyTorch reference) reproduces the shipped ONNX."""
     torch = pytest.importorskip("torch", reason="torch is a test extra")
     import onnxruntime as ort
-    from script_loader import load_script
+
+    from appliance_dev.train.model import model_from_onnx
 
     onnx_path = ROOT / "models" / "liver-ct-demo" / "model.onnx"
-    model = load_script("train_demo_model").model_from_onnx(onnx_path).eval()
+    model = model_from_onnx(onnx_path).eval()
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 96, 128)).astype(np.float32)
     with torch.no_grad():
         ours = model(torch.from_numpy(x)).numpy()

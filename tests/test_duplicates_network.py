@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import parse_storescu, run_storescu
-from dicom_factory import ct_dataset, dataset_bytes_of_file, encode, write_file
+from appliance_dev.dicom_factory import ct_dataset, dataset_bytes_of_file, encode, write_file
 
 pytestmark = pytest.mark.slow
 

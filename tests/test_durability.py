@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from conftest import CALLED_AE, Appliance, dcmtk_env, need_tool, parse_storescu
-from dicom_factory import Instance, make_series
+from appliance_dev.dicom_factory import Instance, make_series
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import pydicom
 import pytest
 
 from conftest import Appliance
-from dicom_factory import blob_phantom, write_ct_volume
-from model_factory import hu_threshold_labels, write_package
+from appliance_dev.dicom_factory import blob_phantom, write_ct_volume
+from appliance_dev.model_factory import hu_threshold_labels, write_package
 from peers import Orthanc, StoreSCP
 from test_worker import FAST, send, series_uid_of, wait_series
 

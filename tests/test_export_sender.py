@@ -16,7 +16,7 @@ from appliance.store import InstanceRecord, Store
 from appliance.store.jobs import JobQueue, NewObject
 from appliance.store.outbox import Outbox
 from conftest import free_port
-from dicom_factory import CT_IMAGE_STORAGE, ct_dataset, write_file
+from appliance_dev.dicom_factory import CT_IMAGE_STORAGE, ct_dataset, write_file
 
 
 class PeerLibraryBug(Exception):

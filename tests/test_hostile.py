@@ -36,7 +36,7 @@ import hostile_clients as hc
 from appliance_invariants import (SLOT_RELEASE_S, Ledger, association_outcome, check_invariants, incoming_files, indexed_uids,
                                   listener_pids, memory_mb, quiesce, storable)
 from conftest import Appliance, dcmtk_env, need_tool, parse_storescu, pynetdicom_ae
-from dicom_factory import ct_dataset, encode, make_series, write_file
+from appliance_dev.dicom_factory import ct_dataset, encode, make_series, write_file
 from hostile_clients import RawConn
 from pdu_capture import RecordingProxy
 

@@ -17,8 +17,8 @@ from appliance.infer.preprocess import InputSpec, labels_to_model_grid, model_gr
 from appliance.infer.volume import decode_hu, load_volume
 from appliance.models.manifest import Code, Label
 from conftest import appliance_exe, need_tool, write_toml
-from dicom_factory import blob_phantom, write_ct_volume
-from model_factory import hu_threshold_labels, write_package
+from appliance_dev.dicom_factory import blob_phantom, write_ct_volume
+from appliance_dev.model_factory import hu_threshold_labels, write_package
 
 SPEC = InputSpec(channels=3, spacing_mm=(1.5, 1.5), size_multiple=16, min_size=(64, 64), max_size=(384, 384),
                  window=(-250.0, 350.0))

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from conftest import (CALLED_AE, Appliance, parse_storescu, pynetdicom_ae, raw_c_store, run_echoscu,
                       run_storescu)
-from dicom_factory import CT_IMAGE_STORAGE, ct_dataset, dataset_bytes_of_file, encode, make_series
+from appliance_dev.dicom_factory import CT_IMAGE_STORAGE, ct_dataset, dataset_bytes_of_file, encode, make_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),
               pytest.mark.filterwarnings("ignore:The value length")]
@@ -317,7 +317,7 @@ def test_sender_first_choice_explicit_vr_is_accepted(shared_appliance: Appliance
     transcode every file, and private attributes lose their VR (they come back as UN)."""
     import pydicom
 
-    from dicom_factory import write_file
+    from appliance_dev.dicom_factory import write_file
 
     ds = ct_dataset(study_uid=generate_uid(), series_uid=generate_uid())
     block = ds.private_block(0x0009, "ACME 1.0", create=True)

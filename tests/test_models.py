@@ -11,7 +11,7 @@ import pytest
 from appliance.errors import ModelPackageError
 from appliance.models.package import find_packages, load_package
 from conftest import appliance_exe, write_toml
-from model_factory import write_package
+from appliance_dev.model_factory import write_package
 
 
 def test_valid_package_loads(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_unloadable_onnx_with_matching_checksum_is_refused_by_verify(tmp_path: P
     """A package whose checksums match but whose ONNX is garbage (a vendor's packaging mistake)."""
     import hashlib
 
-    from model_factory import manifest_text
+    from appliance_dev.model_factory import manifest_text
 
     pkg = tmp_path / "models" / "garbage"
     pkg.mkdir(parents=True)
@@ -119,7 +119,7 @@ def test_build_engines_cli_reports_a_model_tensorrt_rejects(tmp_path: Path) -> N
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is a test extra; not installed here")
     import hashlib
 
-    from model_factory import manifest_text
+    from appliance_dev.model_factory import manifest_text
 
     pkg = tmp_path / "models" / "broken"
     pkg.mkdir(parents=True)

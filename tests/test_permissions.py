@@ -12,7 +12,7 @@ import pytest
 
 from appliance.store import Store
 from appliance.store.perms import restrict_umask, secure_data_dir
-from dicom_factory import blob_phantom, write_ct_volume
+from appliance_dev.dicom_factory import blob_phantom, write_ct_volume
 from test_worker import CT_ROUTE, make, send, series_uid_of, wait_series
 
 

@@ -1,16 +1,17 @@
-"""The views of the real CT that the demo model is reported on (scripts/real_ct.py): a targeted reconstruction
-must show what a clinic's targeted liver series shows (a ~180 mm field of view on the full matrix, centred on
-the liver, no body outline) with its reference carried along exactly; thick slabs must average, not pick."""
+"""The views of the real CT that the demo model is reported on (appliance_dev/real_ct.py): a targeted
+reconstruction must show what a clinic's targeted liver series shows (a ~180 mm field of view on the full matrix,
+centred on the liver, no body outline) with its reference carried along exactly; thick slabs must average, not
+pick."""
 
 from __future__ import annotations
 
 import numpy as np
-from script_loader import load_script
+
+import appliance_dev.real_ct as R
 
 
 def body_with_liver(n: int = 4, size: int = 256, spacing: float = 1.9):
     """A ~490 mm field of view: air around a body, a liver block right of centre (image left), a lesion-free slab."""
-    R = load_script("real_ct")
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     body = ((x - size / 2) / (size * 0.42)) ** 2 + ((y - size / 2) / (size * 0.33)) ** 2 <= 1
     hu = np.where(body, 40.0, -1000.0).astype(np.float32)[None].repeat(n, axis=0)

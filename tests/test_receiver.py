@@ -13,7 +13,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
 from appliance.ingest.receiver import Receiver
 from appliance.ingest.status import StoreStatus
 from appliance.store import Store
-from dicom_factory import CT_IMAGE_STORAGE, ct_dataset, dataset_bytes_of_file, encode
+from appliance_dev.dicom_factory import CT_IMAGE_STORAGE, ct_dataset, dataset_bytes_of_file, encode
 
 # pydicom warns while reading the deliberately broken datasets these tests send.
 pytestmark = [pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),

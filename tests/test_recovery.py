@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from conftest import run_storescu
-from dicom_factory import make_series
+from appliance_dev.dicom_factory import make_series
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import blob_phantom, write_ct_volume
 from PIL import Image
 from pydicom.dataset import Dataset
 from scipy import ndimage
@@ -36,6 +35,7 @@ from appliance.models.package import ModelPackage, bundled_models_dir, load_pack
 from appliance.results import ResultObject, build_results, identity, keyimage
 from appliance.results.build import dicom_bytes
 from appliance.results.seg import conformant, make_seg
+from appliance_dev.dicom_factory import blob_phantom, write_ct_volume
 
 N, SIZE = 20, 128
 LIVER, LESION = 1, 2
@@ -512,7 +512,7 @@ def test_label_map_of_another_shape_is_refused(volume: Volume, package: ModelPac
 
 def test_run_series_output_builds_valid_results(tmp_path: Path) -> None:
     """The threshold model's real pipeline output goes through unchanged (summary as run_series makes it)."""
-    from model_factory import write_package
+    from appliance_dev.model_factory import write_package
 
     from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
     from appliance.infer.pipeline import run_series

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (CALLED_AE, appliance_exe, dcmtk_env, need_tool, parse_storescu, pynetdicom_ae,
                       write_toml)
-from dicom_factory import make_series
+from appliance_dev.dicom_factory import make_series
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:

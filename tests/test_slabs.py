@@ -17,7 +17,6 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from dicom_factory import write_ct_volume
 from scipy import ndimage
 
 from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
@@ -33,7 +32,8 @@ from appliance.models.package import bundled_models_dir, load_package
 from appliance.results import identity
 from appliance.results.keyimage import render_key_image
 from appliance.results.seg import make_seg, segment_map, source_headers
-from appliance.synthetic import make_phantom, sample_spec
+from appliance_dev.dicom_factory import write_ct_volume
+from appliance_dev.synthetic import make_phantom, sample_spec
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 where a CUDA GPU with TensorRT and pycuda answers, running plans against ONNX Runtime's output.
 
 A tiny conv net (input ``image`` (N, 3, H, W) with dynamic N, H, W; output ``logits`` (N, 3, H, W)) is
-written with onnx.helper and wrapped in a real model package (manifest.toml with its SHA-256).
+written with onnx.helper and wrapped in a real model package (manifest.toml with its SHA-256):
+``appliance_dev.model_factory.tiny_onnx`` and ``write_tiny_package``, shared with scripts/gpu_tensorrt_timing.py.
 """
 
 from __future__ import annotations
@@ -22,50 +23,16 @@ import pytest
 from appliance.errors import BackendUnavailable, EngineBuildError, InferenceError, ModelPackageError
 from appliance.infer.backends import open_backend
 from appliance.infer.backends import tensorrt as trtb
-from appliance.models.package import ModelPackage, load_package, sha256_file
-from model_factory import manifest_text
+from appliance.models.package import ModelPackage
+from appliance_dev.model_factory import TINY_MAX_BATCH as MAX_BATCH
+from appliance_dev.model_factory import TINY_MAX_HW as MAX_HW
+from appliance_dev.model_factory import tiny_onnx
+from appliance_dev.model_factory import write_tiny_package as write_package
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Profile of the test package: (N, 3, H, W), N 1..4 (opt 2), H and W 16..128 (opt 64).
-MIN_HW, OPT_HW, MAX_HW, OPT_BATCH, MAX_BATCH = 16, 64, 128, 2, 4
-
-
-def tiny_onnx(seed: int = 0, input_name: str = "image") -> bytes:
-    """Conv3x3(3->8) + ReLU + Conv1x1(8->3): input (N,3,H,W) dynamic, output logits (N,3,H,W)."""
-    rng = np.random.default_rng(seed)
-    w1 = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1")
-    b1 = numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b1")
-    w2 = numpy_helper.from_array((rng.standard_normal((3, 8, 1, 1)) * 0.3).astype(np.float32), "w2")
-    b2 = numpy_helper.from_array((rng.standard_normal(3) * 0.1).astype(np.float32), "b2")
-    nodes = [
-        helper.make_node("Conv", [input_name, "w1", "b1"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        helper.make_node("Conv", ["hr", "w2", "b2"], ["logits"], kernel_shape=[1, 1]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tinyseg",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        initializer=[w1, b1, w2, b2])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def write_package(root: Path, name: str = "tinyseg", onnx_bytes: bytes | None = None, *,
-                  max_batch: int = MAX_BATCH, input_tensor: str = "image") -> ModelPackage:
-    pkg = root / name
-    pkg.mkdir(parents=True)
-    (pkg / "model.onnx").write_bytes(onnx_bytes if onnx_bytes is not None else tiny_onnx())
-    (pkg / "manifest.toml").write_text(manifest_text(
-        name, {"model.onnx": sha256_file(pkg / "model.onnx")}, spacing=1.0, tensor=input_tensor,
-        min_hw=MIN_HW, opt_hw=OPT_HW, max_hw=MAX_HW, opt_batch=OPT_BATCH, max_batch=max_batch), encoding="utf-8")
-    return load_package(pkg)
 
 
 @pytest.fixture(scope="module")

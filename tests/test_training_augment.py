@@ -1,4 +1,5 @@
-"""The training script's shading augmentation: bounded, smooth, tissue only, labels untouched.
+"""The training crops' shading augmentation (``appliance_dev.train.data``, run by scripts/train_demo_model.py):
+bounded, smooth, tissue only, labels untouched.
 
 Why it matters: real CT has low-frequency shading (beam hardening, cupping) that the phantoms lack; the
 model must not learn that any darker patch of liver is a lesion, and the augmentation must not add edges
@@ -8,21 +9,22 @@ that look like one.
 from __future__ import annotations
 
 import numpy as np
-from script_loader import load_script
+
+from appliance_dev.train.config import SPEC
+from appliance_dev.train.data import CropSampler
 
 
 def test_shading_is_bounded_smooth_and_only_on_tissue() -> None:
-    T = load_script("train_demo_model")
     prep = np.full((3, 160, 160), -1.0, np.float16)  # air
     prep[:, 20:140, 20:140] = 0.2  # uniform soft tissue (~110 HU)
     lab = np.zeros((3, 160, 160), np.uint8)
     lab[:, 40:120, 40:120] = 1
     lab[:, 70:80, 70:80] = 2
     cases = [dict(prep=prep, lab=lab)]
-    x, y = T.CropSampler(cases, 128, np.random.default_rng(5), 0.3, 0.0).batch(32)
-    xs, ys = T.CropSampler(cases, 128, np.random.default_rng(5), 0.3, 30.0).batch(32)
+    x, y = CropSampler(cases, 128, np.random.default_rng(5), 0.3, 0.0).batch(32)
+    xs, ys = CropSampler(cases, 128, np.random.default_rng(5), 0.3, 30.0).batch(32)
     assert np.array_equal(y, ys)  # same crops, same labels: only intensities change
-    hu_per_unit = (T.SPEC.window[1] - T.SPEC.window[0]) / 2.0
+    hu_per_unit = (SPEC.window[1] - SPEC.window[0]) / 2.0
     diff = (xs - x) * hu_per_unit
     assert np.abs(diff).max() <= 30.0 + 1e-3
     shaded = [b for b in range(32) if np.abs(diff[b]).max() > 1.0]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import Appliance, parse_storescu, run_storescu
-from dicom_factory import blob_phantom, write_ct_volume
-from model_factory import hu_threshold_labels, write_package
+from appliance_dev.dicom_factory import blob_phantom, write_ct_volume
+from appliance_dev.model_factory import hu_threshold_labels, write_package
 
 from appliance.infer.summary import Summary
 
