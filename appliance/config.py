@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -168,7 +168,7 @@ class Destination(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
-MatchValue = Union[str, list[Union[str, float]]]
+MatchValue = str | list[str | float]
 
 
 class Route(_Section):
@@ -208,7 +208,7 @@ class Route(_Section):
 
 
 #: The embedded default: contrast CT of the abdomen goes to the bundled demo model.
-DEFAULT_ROUTES: tuple["Route", ...] = ()
+DEFAULT_ROUTES: tuple[Route, ...] = ()
 
 
 class Config(_Section):
@@ -222,7 +222,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _references(self) -> "Config":
+    def _references(self) -> Config:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destinations: each name may appear once")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_preamble, _read_file_meta_info  # noqa: PLC2701
-from pydicom.uid import UID
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble  # noqa: PLC2701
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 #: Inflated bytes a header may take (everything before the pixel data); real headers are kilobytes.
 MAX_HEADER_BYTES = 16 * 1024 * 1024

@@ -20,8 +20,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from appliance.dicomio import read_header
 from appliance.config import Route
+from appliance.dicomio import read_header
 from appliance.store.index import Index
 from appliance.store.jobs import JobQueue
 

@@ -11,8 +11,8 @@ restarted with a growing delay and never stops reception.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import fcntl
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -28,17 +28,17 @@ from appliance.assemble import Assembler
 from appliance.config import Config, DicomConfig
 from appliance.errors import ApplianceError
 from appliance.export import Sender
-from appliance.retention import Purger
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
 from appliance.models.package import find_packages
+from appliance.retention import Purger
 from appliance.route import Router
-from appliance.store.jobs import JobQueue
-from appliance.worker import run_worker
 from appliance.status import ListenerStatus, Snapshot, status_path, write_snapshot
 from appliance.store import Store
+from appliance.store.jobs import JobQueue
 from appliance.store.locks import lock_data_dir, wait_for_previous_run
 from appliance.store.perms import restrict_umask, secure_data_dir
+from appliance.worker import run_worker
 
 log = logging.getLogger("appliance.service")
 

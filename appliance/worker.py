@@ -18,14 +18,14 @@ from typing import Any
 from appliance import logs
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.fsio import fsync_dir
 from appliance.infer.backends import Backend, open_backend
 from appliance.infer.pipeline import limit_heap_retention, paused_gc, run_series, write_outputs
 from appliance.models.package import ModelPackage, installed_package
-from appliance.store import RESULTS_DIR, Store
 from appliance.results import build_results
+from appliance.store import RESULTS_DIR, Store
 from appliance.store.jobs import Job, JobQueue, NewObject
 from appliance.store.locks import hold_processes_lock
-from appliance.fsio import fsync_dir
 
 log = logging.getLogger("appliance.worker")
 

@@ -105,7 +105,7 @@ class Measurements:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Measurements":
+    def from_dict(cls, d: Any) -> Measurements:
         """Read back what :meth:`to_dict` wrote; :class:`SummaryFormatError` names the first bad field."""
         try:
             return cls(

@@ -16,8 +16,8 @@ import logging
 import os
 import time
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 
 from appliance.errors import InferenceError
+from appliance.fsio import write_atomic
 from appliance.infer.backends import Backend
-from appliance.infer.measure import measure
-from appliance.infer.summary import SUMMARY_FILE, BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.labelmap import LabelMap
+from appliance.infer.measure import measure
 from appliance.infer.postprocess import keep_largest_component_map
 from appliance.infer.preprocess import context_indices, model_grid, prepare_slices, scores_to_labels
+from appliance.infer.summary import SUMMARY_FILE, BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.volume import Volume, scan_series
 from appliance.models.package import ModelPackage
-from appliance.fsio import write_atomic
 
 log = logging.getLogger("appliance.infer")
 

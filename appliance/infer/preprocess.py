@@ -49,7 +49,7 @@ def model_grid(rows: int, cols: int, pixel_spacing: tuple[float, float], spec: I
         min(spec.max_size[1], max(1, round(fov[1] / spacing[1]))),
     )
     m = spec.size_multiple
-    padded = tuple(max(lo, math.ceil(n / m) * m) for n, lo in zip(shape, spec.min_size))
+    padded = tuple(max(lo, math.ceil(n / m) * m) for n, lo in zip(shape, spec.min_size, strict=True))
     padded = tuple(math.ceil(n / m) * m for n in padded)
     return ModelGrid((rows, cols), shape, (int(padded[0]), int(padded[1])), (spacing[0], spacing[1]))
 

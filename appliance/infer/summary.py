@@ -69,7 +69,7 @@ class Summary:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Summary":
+    def from_dict(cls, d: Any) -> Summary:
         try:
             m, b, s = d["model"], d["backend"], d["series"]
             spacing = tuple(float(v) for v in s["pixel_spacing_mm"])
@@ -90,7 +90,7 @@ class Summary:
             raise SummaryFormatError(f"the summary is incomplete or malformed ({type(exc).__name__}: {exc})") from None
 
     @classmethod
-    def read(cls, path: Path) -> "Summary":
+    def read(cls, path: Path) -> Summary:
         """A job's ``summary.json``; :class:`SummaryFormatError` if it is not one this software wrote."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -248,7 +248,7 @@ def scan_series(paths: Sequence[Path]) -> Volume:
             if not 0.99 < np.linalg.norm(normal) < 1.01:
                 raise GeometryError(f"{where}: ImageOrientationPatient {iop} is not two orthonormal directions")
             shape = (int(ds.Rows), int(ds.Columns))
-        elif max(abs(a - b) for a, b in zip(iop, orientation)) > _ORIENTATION_TOL:
+        elif max(abs(a - b) for a, b in zip(iop, orientation, strict=True)) > _ORIENTATION_TOL:
             raise GeometryError(f"{where}: orientation {iop} differs from the series' {orientation} "
                                 "(localizers or reformats mixed in?)")
         elif (int(ds.Rows), int(ds.Columns)) != shape:

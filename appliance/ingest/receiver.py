@@ -13,9 +13,10 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -313,7 +314,7 @@ class Receiver:
 
     # -- a SOP Instance UID that is stored already ------------------------------------------------------
 
-    def _resent(self, values: dict[str, Any], uids: "HeaderUIDs", transfer_syntax: str, meta: bytes,
+    def _resent(self, values: dict[str, Any], uids: HeaderUIDs, transfer_syntax: str, meta: bytes,
                 dataset: bytes | memoryview | SpilledDataset, calling_ae: str, association_id: str | None,
                 written: bool = False) -> Outcome:
         """A duplicate when the content is the stored copy's; else a conflict, kept or replaced (``on_duplicate``).

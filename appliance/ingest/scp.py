@@ -18,15 +18,15 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table: invisible to a type checker
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time from a table: invisible to a type checker
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import IMPLEMENTATION_VERSION_NAME
 from appliance.config import Config
 from appliance.ingest.guard import SpilledDataset, on_connection_end
 from appliance.ingest.receiver import IMPLEMENTATION_CLASS_UID, Receiver
-from appliance.ingest.status import (REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED, StoreStatus)
+from appliance.ingest.status import REJECT_CALLING_AE_NOT_RECOGNIZED, REJECT_LOCAL_LIMIT_EXCEEDED, StoreStatus
 
 log = logging.getLogger("appliance.ingest")
 
@@ -58,7 +58,7 @@ class _ContextList(list):
     strings) gives the association the same private, mutable copy.
     """
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_ContextList":
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ContextList:
         out = _ContextList()
         for cx in self:
             dup = copy.copy(cx)

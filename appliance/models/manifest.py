@@ -52,7 +52,7 @@ class InputTable(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _ordered(self) -> "InputTable":
+    def _ordered(self) -> InputTable:
         for i in (0, 1):
             if not self.min_size[i] <= self.opt_size[i] <= self.max_size[i]:
                 raise ValueError("need min_size <= opt_size <= max_size")
@@ -66,7 +66,7 @@ class Normalisation(_Strict):
     window: tuple[float, float]
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Normalisation":
+    def _ordered(self) -> Normalisation:
         if not self.window[0] < self.window[1]:
             raise ValueError("window must be [lower, upper] with lower < upper")
         return self
@@ -120,7 +120,7 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _labels(self) -> "Manifest":
+    def _labels(self) -> Manifest:
         values = [lab.value for lab in self.labels]
         if len(set(values)) != len(values):
             raise ValueError("labels: each value may appear once")

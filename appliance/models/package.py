@@ -7,6 +7,7 @@ missing or differs from its SHA-256: a half-copied or tampered model must never 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Where a wheel installs the bundled models (``[tool.setuptools.data-files]`` in pyproject.toml), under the
+#: environment's prefix.
+WHEEL_MODELS = Path("share") / "edge-appliance" / "models"
+
+
 def bundled_models_dir() -> Path:
-    """``models/`` of the project the package was installed from (the demo model lives there)."""
-    return Path(__file__).resolve().parents[2] / "models"
+    """The bundled models (the demo model): ``models/`` of a source checkout (editable install), else the
+    wheel's copy under ``<prefix>/share/edge-appliance/models``; ``[inference] models_dir`` overrides both."""
+    source = Path(__file__).resolve().parents[2] / "models"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / WHEEL_MODELS
 
 
 @dataclass(frozen=True)

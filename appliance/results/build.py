@@ -23,13 +23,13 @@ from typing import Literal
 from pydicom.dataset import Dataset
 
 from appliance.errors import ResultsError
+from appliance.fsio import fsync_dir, write_atomic
 from appliance.infer.pipeline import SeriesResult
 from appliance.models.package import ModelPackage
 from appliance.results.keyimage import make_sc, render_key_image
 from appliance.results.preview import write_previews
 from appliance.results.seg import make_seg, source_headers
 from appliance.results.sr import make_sr
-from appliance.fsio import fsync_dir, write_atomic
 
 log = logging.getLogger("appliance.results")
 

@@ -7,9 +7,8 @@ which box and which release produced it (serial number, software version).
 
 from __future__ import annotations
 
-from typing import Any
-
 import socket
+from typing import Any
 
 from pydicom.uid import generate_uid
 

@@ -10,7 +10,6 @@ panel's PNG previews.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import highdicom as hd
 import numpy as np

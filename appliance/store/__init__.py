@@ -30,7 +30,7 @@ class Store:
     index: Index
 
     @classmethod
-    def open(cls, data_dir: Path, *, create: bool = True) -> "Store":
+    def open(cls, data_dir: Path, *, create: bool = True) -> Store:
         """Open (and on first use create and migrate) the store under ``data_dir``."""
         data_dir = Path(data_dir).absolute()
         db = data_dir / INDEX_NAME

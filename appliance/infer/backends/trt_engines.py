@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import gc
 import hashlib
 import json
 import logging
 import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -166,6 +168,27 @@ def convert_onnx_fp16(src: Path, dst: Path) -> None:
 
 def _build_serialized(fl: Flavour, package: ModelPackage, precision: str, gpu_id: str,
                       workspace: int) -> tuple[bytes, dict[str, Any]]:
+    """Build with Python's cyclic garbage collector paused, and no TensorRT object left in a cycle.
+
+    TensorRT calls our logger while it holds its own lock (``createInferBuilder`` does); a collection that
+    the callback happened to trigger once freed an ``IBuilder`` of an earlier, failed build (kept alive by
+    its exception's traceback) and its destructor waited for that same lock: the process hung for good.
+    So no collection runs during a build, and a failed build's frames are cleared before the error leaves.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _build(fl, package, precision, gpu_id, workspace)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the builder, network and parser go now, by reference count
+        raise
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _build(fl: Flavour, package: ModelPackage, precision: str, gpu_id: str,
+           workspace: int) -> tuple[bytes, dict[str, Any]]:
     trt = fl.module
     logger = _make_logger(trt)
     where = f"model {package.name} {package.version}"
