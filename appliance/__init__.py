@@ -1,7 +1,10 @@
 """Edge inference appliance for clinics.
 
-The package is split into pipeline stages (``ingest``, ``assemble``, later ``route``, ``infer``,
-``results``, ``export``) that talk only through the durable ``store``.
+Pipeline stages (``ingest``, ``assemble``, ``route``, ``infer`` and ``results`` in the ``worker``, ``export``,
+``retention``) talk only through the durable ``store``; ``service`` supervises them and ``cli`` is the command.
+Below them all: ``models`` (packages and manifests), ``store``, and small foundations (``errors``, ``fsio``,
+``validation``, ``dicomio``, ``logs``, ``status``). ``tests/test_layers.py`` keeps the dependencies pointing
+down.
 """
 
 __version__ = "0.1.0"

@@ -81,8 +81,14 @@ def cmd_series(cfg: Config, args: argparse.Namespace) -> int:
     if not out:
         print(f"no series received yet (data in {store.data_dir})")
         return 0
-    cols = [("state", 13), ("modality", 4), ("instances", 9), ("last_received", 23), ("series_uid", 64),
-            ("description", 30)]
+    cols = [
+        ("state", 13),
+        ("modality", 4),
+        ("instances", 9),
+        ("last_received", 23),
+        ("series_uid", 64),
+        ("description", 30),
+    ]
     print("  ".join(name.upper().ljust(w) for name, w in cols).rstrip())
     for r in out:
         print("  ".join(str(r[name] if r[name] is not None else "-")[:64].ljust(w) for name, w in cols).rstrip())
@@ -126,16 +132,23 @@ def cmd_models_list(cfg: Config, args: argparse.Namespace) -> int:
     backends = _backends_here()
     rows: list[dict[str, Any]] = [
         {
-            "name": p.name, "version": p.version, "task": p.manifest.task, "modality": p.manifest.modality,
-            "labels": {str(lab.value): lab.name for lab in p.labels}, "path": str(p.path),
+            "name": p.name,
+            "version": p.version,
+            "task": p.manifest.task,
+            "modality": p.manifest.modality,
+            "labels": {str(lab.value): lab.name for lab in p.labels},
+            "path": str(p.path),
             "onnx_sha256": p.onnx_sha256,
             "backends": {k: v.startswith("available") for k, v in backends.items()},
         }
         for p in packages
     ]
     if args.json:
-        json.dump({"models_dir": str(models_dir), "models": rows, "refused": refused, "backends": backends},
-                  sys.stdout, indent=2)
+        json.dump(
+            {"models_dir": str(models_dir), "models": rows, "refused": refused, "backends": backends},
+            sys.stdout,
+            indent=2,
+        )
         sys.stdout.write("\n")
         return 0
     print(f"models in {models_dir}:")
@@ -157,8 +170,10 @@ def cmd_models_verify(cfg: Config, args: argparse.Namespace) -> int:
 
     pkg = installed_package(cfg.inference.resolved_models_dir(), args.name)
     OnnxRuntimeBackend(pkg, threads=1)  # the ONNX loads and its tensor names match the manifest
-    print(f"{pkg.name} {pkg.version}: OK ({len(pkg.manifest.files)} files match their SHA-256; "
-          f"model.onnx loads in ONNX Runtime)")
+    print(
+        f"{pkg.name} {pkg.version}: OK ({len(pkg.manifest.files)} files match their SHA-256; "
+        f"model.onnx loads in ONNX Runtime)"
+    )
     return 0
 
 
@@ -203,10 +218,18 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     limit_heap_retention()  # as the worker: freed slab buffers leave the process, the peak follows the budget
     pkg = installed_package(cfg.inference.resolved_models_dir(), args.model)
     files = find_series(Path(args.input_dir), args.series)
-    backend = open_backend(pkg, args.backend or cfg.inference.backend, cfg.inference.precision,
-                           cfg.storage.data_dir / "engines", cfg.inference.threads)
-    print(f"{len(files)} instances; model {pkg.name} {pkg.version} on {backend.name} ({backend.device}, "
-          f"{backend.precision})", file=sys.stderr)
+    backend = open_backend(
+        pkg,
+        args.backend or cfg.inference.backend,
+        cfg.inference.precision,
+        cfg.storage.data_dir / "engines",
+        cfg.inference.threads,
+    )
+    print(
+        f"{len(files)} instances; model {pkg.name} {pkg.version} on {backend.name} ({backend.device}, "
+        f"{backend.precision})",
+        file=sys.stderr,
+    )
     shown: dict[str, int] = {}
 
     def progress(stage: str, i: int, n: int) -> None:
@@ -215,8 +238,9 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
             shown[stage] = pct
             print(f"  {stage}: {i}/{n}", file=sys.stderr)
 
-    result = run_series(files, pkg, backend, progress if not args.quiet else None,
-                        memory_budget_mb=cfg.inference.memory_budget_mb)
+    result = run_series(
+        files, pkg, backend, progress if not args.quiet else None, memory_budget_mb=cfg.inference.memory_budget_mb
+    )
     out = Path(args.out)
     write_outputs(result, out)
     made = []
@@ -230,8 +254,10 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     s = result.summary
     organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in s.measurements.organs)
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
-    print(f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion(s); "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in s.timings_s.items()))
+    print(
+        f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion(s); "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in s.timings_s.items())
+    )
     return 0
 
 
@@ -254,12 +280,24 @@ def cmd_outbox_list(cfg: Config, args: argparse.Namespace) -> int:
     if not rows:
         print("the outbox is empty" + (f" (state {args.state})" if args.state else ""))
         return 0
-    cols = [("id", 6), ("state", 10), ("destination", 12), ("kind", 4), ("attempts", 8), ("model", 16),
-            ("series_uid", 40), ("last_error", 80)]
+    cols = [
+        ("id", 6),
+        ("state", 10),
+        ("destination", 12),
+        ("kind", 4),
+        ("attempts", 8),
+        ("model", 16),
+        ("series_uid", 40),
+        ("last_error", 80),
+    ]
     print("  ".join(name.upper().ljust(w) for name, w in cols).rstrip())
     for r in rows:
-        print("  ".join(str(r[name] if r[name] is not None else "-")[:w if name != "last_error" else 200].ljust(w)
-                        for name, w in cols).rstrip())
+        print(
+            "  ".join(
+                str(r[name] if r[name] is not None else "-")[: w if name != "last_error" else 200].ljust(w)
+                for name, w in cols
+            ).rstrip()
+        )
     by_state: dict[str, int] = {}
     for r in rows:
         by_state[r["state"]] = by_state.get(r["state"], 0) + 1
@@ -284,85 +322,120 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("serve", help="run the appliance (DICOM receiver and all stages) until SIGTERM",
-                       description="Run the DICOM C-ECHO/C-STORE receiver and the pipeline stages. "
-                                   "Stops cleanly on SIGTERM or Ctrl-C.")
+    p = sub.add_parser(
+        "serve",
+        help="run the appliance (DICOM receiver and all stages) until SIGTERM",
+        description="Run the DICOM C-ECHO/C-STORE receiver and the pipeline stages. "
+        "Stops cleanly on SIGTERM or Ctrl-C.",
+    )
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="is the appliance running, and how many associations are open",
-                       description="Show the running appliance's processes and its open DICOM associations "
-                                   "(across all listener processes). Exit status 3 when it is not running.")
+    p = sub.add_parser(
+        "status",
+        help="is the appliance running, and how many associations are open",
+        description="Show the running appliance's processes and its open DICOM associations "
+        "(across all listener processes). Exit status 3 when it is not running.",
+    )
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("series", help="list received series and their state",
-                       description="List every series in the store with its state "
-                                   "(receiving, complete, ...), instance count and receive times.")
+    p = sub.add_parser(
+        "series",
+        help="list received series and their state",
+        description="List every series in the store with its state "
+        "(receiving, complete, ...), instance count and receive times.",
+    )
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=cmd_series)
 
-    p = sub.add_parser("check-config", help="validate a configuration file and print the effective settings",
-                       description="Validate the configuration and print it with all defaults filled in.")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and print the effective settings",
+        description="Validate the configuration and print it with all defaults filled in.",
+    )
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("models", help="list, verify and prepare model packages",
-                       description="Model packages live in [inference] models_dir (default: the bundled models/).")
+    p = sub.add_parser(
+        "models",
+        help="list, verify and prepare model packages",
+        description="Model packages live in [inference] models_dir (default: the bundled models/).",
+    )
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    q = msub.add_parser("list", help="installed packages and the backends available here",
-                        description="List valid model packages (name, version, task, backends available here) "
-                                    "and any refused package with the reason.")
+    q = msub.add_parser(
+        "list",
+        help="installed packages and the backends available here",
+        description="List valid model packages (name, version, task, backends available here) "
+        "and any refused package with the reason.",
+    )
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.set_defaults(func=cmd_models_list)
-    q = msub.add_parser("verify", help="check a package's manifest and checksums and load its model",
-                        description="Validate manifest.toml, check every file against its SHA-256 and load "
-                                    "model.onnx in ONNX Runtime. Exit status 2 with the reason if anything is wrong.")
+    q = msub.add_parser(
+        "verify",
+        help="check a package's manifest and checksums and load its model",
+        description="Validate manifest.toml, check every file against its SHA-256 and load "
+        "model.onnx in ONNX Runtime. Exit status 2 with the reason if anything is wrong.",
+    )
     q.add_argument("name", help="package name (folder under models_dir)")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.set_defaults(func=cmd_models_verify)
-    q = msub.add_parser("build-engines", help="build TensorRT engines ahead of time",
-                        description="Build (or find cached) TensorRT engines under <data_dir>/engines for every "
-                                    "package, or the ones named, at [inference] precision.")
+    q = msub.add_parser(
+        "build-engines",
+        help="build TensorRT engines ahead of time",
+        description="Build (or find cached) TensorRT engines under <data_dir>/engines for every "
+        "package, or the ones named, at [inference] precision.",
+    )
     q.add_argument("name", nargs="*", help="package names (default: all)")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.set_defaults(func=cmd_models_build_engines)
 
-    p = sub.add_parser("infer", help="run one series from files through a model, offline",
-                       description="Run the series in INPUT_DIR (DICOM files, searched recursively) through "
-                                   "MODEL with exactly the worker's code, and write OUT/labelmap.npz (labels "
-                                   "uint8 (slices, rows, cols), sop_instance_uids), OUT/summary.json and the "
-                                   "DICOM results a PACS would receive (seg.dcm, sr.dcm, sc-1.dcm) with PNG "
-                                   "previews.")
+    p = sub.add_parser(
+        "infer",
+        help="run one series from files through a model, offline",
+        description="Run the series in INPUT_DIR (DICOM files, searched recursively) through "
+        "MODEL with exactly the worker's code, and write OUT/labelmap.npz (labels "
+        "uint8 (slices, rows, cols), sop_instance_uids), OUT/summary.json and the "
+        "DICOM results a PACS would receive (seg.dcm, sr.dcm, sc-1.dcm) with PNG "
+        "previews.",
+    )
     p.add_argument("input_dir", metavar="INPUT_DIR", help="folder with the series' DICOM files")
     p.add_argument("--model", required=True, help="model package name, e.g. liver-ct-demo")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use when INPUT_DIR holds several")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"],
-                   help="override [inference] backend")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], help="override [inference] backend")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-dicom", action="store_true", help="write only labelmap.npz and summary.json")
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("outbox", help="result objects waiting for, delivered to or refused by destinations",
-                       description="Every result object x destination is an outbox row: pending (being sent, "
-                                   "retried with backoff), sent, dead (gave up after [export] max_attempts) or "
-                                   "superseded (the series changed before it was sent).")
+    p = sub.add_parser(
+        "outbox",
+        help="result objects waiting for, delivered to or refused by destinations",
+        description="Every result object x destination is an outbox row: pending (being sent, "
+        "retried with backoff), sent, dead (gave up after [export] max_attempts) or "
+        "superseded (the series changed before it was sent).",
+    )
     osub = p.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
-    q = osub.add_parser("list", help="list outbox rows with their state, attempts and last error",
-                        description="List outbox rows, oldest first, with the last error of each.")
+    q = osub.add_parser(
+        "list",
+        help="list outbox rows with their state, attempts and last error",
+        description="List outbox rows, oldest first, with the last error of each.",
+    )
     q.add_argument("--state", choices=[str(s) for s in OutboxState], help="only rows in this state")
     q.add_argument("--series", metavar="UID", help="only rows of this source series")
     q.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.set_defaults(func=cmd_outbox_list)
-    q = osub.add_parser("retry", help="send dead letters again",
-                        description="Queue dead outbox rows again with a fresh attempt count; the running "
-                                    "appliance sends them at once. Exit status 1 when none of the ids was dead.")
+    q = osub.add_parser(
+        "retry",
+        help="send dead letters again",
+        description="Queue dead outbox rows again with a fresh attempt count; the running "
+        "appliance sends them at once. Exit status 1 when none of the ids was dead.",
+    )
     q.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox ids (see `appliance outbox list`)")
     q.add_argument("--all-dead", action="store_true", help="every dead row")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)

@@ -74,7 +74,7 @@ class DicomConfig(_Section):
     #: the data filesystem while it arrives, so memory never follows an instance's size.
     memory_instance_bytes: Annotated[int, Field(ge=1_048_576)] = 32 * 1024 * 1024
     #: Largest dataset (bytes) accepted at all, and the bound on what a Deflated dataset may inflate to.
-    max_instance_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024 ** 3
+    max_instance_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024**3
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -202,8 +202,9 @@ class Route(_Section):
                 if lo > hi:
                     raise ValueError(f"{key}: range [{cond[0]}, {cond[1]}] has min > max")
             else:
-                raise ValueError(f"{key}: use a regex string, a list of strings (with '!' exclusions) "
-                                 "or a numeric [min, max]")
+                raise ValueError(
+                    f"{key}: use a regex string, a list of strings (with '!' exclusions) or a numeric [min, max]"
+                )
         return value
 
 
@@ -234,6 +235,7 @@ class Config(_Section):
                 if d not in names:
                     raise ValueError(f"routes.{r.name}: destination {d!r} is not defined in [[destinations]]")
         return self
+
     #: Where the file came from (None: embedded defaults); relative data_dir resolves against the cwd.
     source: Path | None = Field(default=None, exclude=True)
 
@@ -271,7 +273,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 DEFAULT_ROUTES = (
     # Exclusions only, so a CT without BodyPartExamined (common) still reaches the model.
-    Route(name="liver-ct", match={"Modality": "CT", "BodyPartExamined": ["!HEAD", "!BRAIN", "!NECK", "!SKULL",
-                                                                        "!EXTREMITY", "!KNEE", "!HAND", "!FOOT"]},
-          models=["liver-ct-demo"]),
+    Route(
+        name="liver-ct",
+        match={
+            "Modality": "CT",
+            "BodyPartExamined": ["!HEAD", "!BRAIN", "!NECK", "!SKULL", "!EXTREMITY", "!KNEE", "!HAND", "!FOOT"],
+        },
+        models=["liver-ct-demo"],
+    ),
 )

@@ -51,13 +51,14 @@ def read_header(path: str | Path) -> Dataset:
             out += inflater.decompress(chunk, _STEP)
             if inflater.eof:
                 break
-            if b"\xe0\x7f\x10\x00" in out[-_STEP - 4:]:  # the pixel data element's tag has been inflated
+            if b"\xe0\x7f\x10\x00" in out[-_STEP - 4 :]:  # the pixel data element's tag has been inflated
                 break
     try:
         ds = read_dataset(BytesIO(bytes(out)), False, True, stop_when=_at_pixels)
     except Exception as exc:
-        raise HeaderError(f"{Path(path).name}: the Deflated header cannot be read within "
-                          f"{MAX_HEADER_BYTES} inflated bytes: {exc}") from None
+        raise HeaderError(
+            f"{Path(path).name}: the Deflated header cannot be read within {MAX_HEADER_BYTES} inflated bytes: {exc}"
+        ) from None
     ds.file_meta = meta
     return ds
 
@@ -90,5 +91,7 @@ def check_decodable(ds: Dataset, where: str) -> None:
     """Raise :class:`HeaderError` if decoding ``ds``'s pixel data would take more than the bound."""
     need = frame_bytes(ds)
     if need > MAX_DECODED_BYTES:
-        raise HeaderError(f"{where}: its pixel data would decode to {need} bytes "
-                          f"(Rows x Columns x samples x frames), over the {MAX_DECODED_BYTES}-byte bound")
+        raise HeaderError(
+            f"{where}: its pixel data would decode to {need} bytes "
+            f"(Rows x Columns x samples x frames), over the {MAX_DECODED_BYTES}-byte bound"
+        )

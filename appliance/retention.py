@@ -26,7 +26,6 @@ from appliance.store.purge import PURGE_BATCH, PurgeLedger
 log = logging.getLogger("appliance.retention")
 
 
-
 class Purger:
     def __init__(self, store: Store, retention_days: float) -> None:
         self.store = store
@@ -56,8 +55,11 @@ class Purger:
         while True:
             step = self.ledger.delete_batch(series_uid, self._unlink, PURGE_BATCH)
             if step is None:  # re-opened by a late instance: what is left is the series' again
-                log.info("series %s re-opened during its purge: %d old instance(s) had been deleted, the rest is "
-                         "kept", series_uid, deleted)
+                log.info(
+                    "series %s re-opened during its purge: %d old instance(s) had been deleted, the rest is kept",
+                    series_uid,
+                    deleted,
+                )
                 return 0
             n, size = step
             deleted, freed = deleted + n, freed + size
@@ -65,12 +67,19 @@ class Purger:
                 break
         done = self.ledger.finish(series_uid, deleted, lambda: self._delete_results(series_uid), time.time())
         if done is None:
-            log.info("series %s re-opened during its purge: %d old instance(s) had been deleted, results kept",
-                     series_uid, deleted)
+            log.info(
+                "series %s re-opened during its purge: %d old instance(s) had been deleted, results kept",
+                series_uid,
+                deleted,
+            )
             return 0
         freed += done
-        log.info("series %s purged after the retention period: %d instance(s), %.1f MB freed", series_uid,
-                 deleted, freed / 1e6)
+        log.info(
+            "series %s purged after the retention period: %d instance(s), %.1f MB freed",
+            series_uid,
+            deleted,
+            freed / 1e6,
+        )
         return 1
 
     def _unlink(self, relpath: str) -> int:

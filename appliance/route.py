@@ -89,8 +89,14 @@ def plan(ds: Dataset, rules: Sequence[Route]) -> list[Planned]:
 class Router:
     """Turns complete series into queued jobs (or ``no_model``), one series per transaction."""
 
-    def __init__(self, index: Index, spool_root: Path, rules: Sequence[Route], known_models: set[str] | None,
-                 poll_seconds: float = 0.25) -> None:
+    def __init__(
+        self,
+        index: Index,
+        spool_root: Path,
+        rules: Sequence[Route],
+        known_models: set[str] | None,
+        poll_seconds: float = 0.25,
+    ) -> None:
         self.jobs, self.spool_root, self.rules = JobQueue(index), Path(spool_root), list(rules)
         self.known_models, self.poll_seconds = known_models, poll_seconds
 
@@ -106,16 +112,25 @@ class Router:
             jobs = plan(ds, self.rules)
             missing = [j.model for j in jobs if self.known_models is not None and j.model not in self.known_models]
             if missing:
-                log.error("series %s: route(s) name model(s) %s that are not installed or were refused; "
-                          "those jobs will fail", series_uid, missing)
+                log.error(
+                    "series %s: route(s) name model(s) %s that are not installed or were refused; those jobs will fail",
+                    series_uid,
+                    missing,
+                )
             n = self.jobs.queue_jobs(series_uid, [(j.model, j.priority, j.routes, j.destinations) for j in jobs])
             if jobs and not n:
                 log.info("series %s re-opened by a late instance while being routed; routing it later", series_uid)
             elif n:
-                log.info("series %s: queued %s", series_uid, ", ".join(f"{j.model} (priority {j.priority})" for j in jobs))
+                log.info(
+                    "series %s: queued %s", series_uid, ", ".join(f"{j.model} (priority {j.priority})" for j in jobs)
+                )
             else:
-                log.info("series %s: no routing rule matches (Modality %s, BodyPartExamined %s)", series_uid,
-                         ds.get("Modality"), ds.get("BodyPartExamined"))
+                log.info(
+                    "series %s: no routing rule matches (Modality %s, BodyPartExamined %s)",
+                    series_uid,
+                    ds.get("Modality"),
+                    ds.get("BodyPartExamined"),
+                )
             routed += 1
         return routed
 

@@ -69,8 +69,10 @@ def _bind(config: Config) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"DICOM port {config.dicom.port} on {config.dicom.bind} is already in use "
-                               "(another appliance or DICOM service?): stop it or set [dicom] port") from None
+            raise StartupError(
+                f"DICOM port {config.dicom.port} on {config.dicom.bind} is already in use "
+                "(another appliance or DICOM service?): stop it or set [dicom] port"
+            ) from None
         raise StartupError(f"cannot listen on {config.dicom.bind}:{config.dicom.port}: {exc.strerror}") from None
     return sock
 
@@ -104,8 +106,12 @@ class RestartBackoff:
     keeps a worker that dies at start-up (a broken GPU driver) from spinning.
     """
 
-    def __init__(self, base: float = WORKER_BACKOFF_BASE, cap: float = WORKER_BACKOFF_MAX,
-                 healthy_after: float = WORKER_HEALTHY_SECONDS) -> None:
+    def __init__(
+        self,
+        base: float = WORKER_BACKOFF_BASE,
+        cap: float = WORKER_BACKOFF_MAX,
+        healthy_after: float = WORKER_HEALTHY_SECONDS,
+    ) -> None:
         self.base, self.cap, self.healthy_after = base, cap, healthy_after
         self.failures = 0
 
@@ -130,14 +136,21 @@ def open_access_warning(dicom: DicomConfig) -> str | None:
         everywhere = False
     if not everywhere:
         return None
-    return (f"[dicom] allowed_callers is empty and bind = {dicom.bind!r} (every interface): any host that can "
-            f"reach port {dicom.port} may store instances here and have them processed; list the modalities "
-            "and PACS in [dicom] allowed_callers, or bind to the clinic network's address")
+    return (
+        f"[dicom] allowed_callers is empty and bind = {dicom.bind!r} (every interface): any host that can "
+        f"reach port {dicom.port} may store instances here and have them processed; list the modalities "
+        "and PACS in [dicom] allowed_callers, or bind to the clinic network's address"
+    )
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, worker_target: Callable[..., None] = run_worker,
-                 worker_backoff: RestartBackoff | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        worker_target: Callable[..., None] = run_worker,
+        worker_backoff: RestartBackoff | None = None,
+    ) -> None:
         self.config = config
         self.stop = threading.Event()
         self.ctx = multiprocessing.get_context("spawn")
@@ -169,8 +182,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         self._start_listeners(sock)
-        log.info("appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
-                 __version__, cfg.dicom.ae_title, cfg.dicom.bind, cfg.dicom.port, len(self.listeners), store.data_dir)
+        log.info(
+            "appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
+            __version__,
+            cfg.dicom.ae_title,
+            cfg.dicom.bind,
+            cfg.dicom.port,
+            len(self.listeners),
+            store.data_dir,
+        )
         self._start_stages(store, packages)
         self._start_worker()
         self._watch(store)
@@ -185,13 +205,20 @@ class Supervisor:
         removed = store.spool.remove_partials()
         lost = store.index.mark_lost_associations()
         if removed or lost:
-            log.warning("recovered after an unclean stop: removed %d partial file(s), %d association(s) never "
-                        "released", removed, lost)
+            log.warning(
+                "recovered after an unclean stop: removed %d partial file(s), %d association(s) never released",
+                removed,
+                lost,
+            )
         index_orphans(store)
         requeued, failed = JobQueue(store.index).recover(set(), cfg.inference.max_attempts)
         if requeued or failed:
-            log.warning("inference jobs interrupted by the unclean stop: %d re-queued, %d failed after %d attempts",
-                        requeued, failed, cfg.inference.max_attempts)
+            log.warning(
+                "inference jobs interrupted by the unclean stop: %d re-queued, %d failed after %d attempts",
+                requeued,
+                failed,
+                cfg.inference.max_attempts,
+            )
 
     def _load_models(self) -> list[Any]:
         models_dir = self.config.inference.resolved_models_dir()
@@ -220,8 +247,9 @@ class Supervisor:
         self._readies[i] = self.ctx.Event()
         with self._slots.get_lock():
             self._slots[i] = 0
-        p = self.ctx.Process(target=run_listener, args=(self.config, self._sock, self._slots, i, self._readies[i]),
-                             name=f"ingest-{i}")
+        p = self.ctx.Process(
+            target=run_listener, args=(self.config, self._sock, self._slots, i, self._readies[i]), name=f"ingest-{i}"
+        )
         p.start()
         self.listeners[i] = p
 
@@ -229,13 +257,17 @@ class Supervisor:
         """The in-process stages, each a thread of the supervisor: assemble, route, export, retention."""
         cfg = self.config
         assembler = Assembler(store.index, cfg.assemble)
-        router = Router(store.index, store.spool.root, cfg.routes, {p.name for p in packages},
-                        cfg.inference.poll_seconds)
+        router = Router(
+            store.index, store.spool.root, cfg.routes, {p.name for p in packages}, cfg.inference.poll_seconds
+        )
         sender = Sender(cfg, store)
         purger = Purger(store, cfg.storage.retention_days)
-        for name, target, join in (("assemble", assembler.run, 5.0), ("route", router.run, 5.0),
-                                   ("export", sender.run, cfg.export.timeout_seconds + 5),
-                                   ("retention", purger.run, 5.0)):
+        for name, target, join in (
+            ("assemble", assembler.run, 5.0),
+            ("route", router.run, 5.0),
+            ("export", sender.run, cfg.export.timeout_seconds + 5),
+            ("retention", purger.run, 5.0),
+        ):
             t = threading.Thread(target=target, args=(self.stop,), name=name, daemon=True)
             t.start()
             self._threads.append((t, join))
@@ -257,11 +289,20 @@ class Supervisor:
         with self._slots.get_lock():
             counts = [self._slots[i] for i in range(len(self._slots))]
         snap = Snapshot(
-            pid=os.getpid(), version=__version__, started=self._started_at, updated=time.time(),
+            pid=os.getpid(),
+            version=__version__,
+            started=self._started_at,
+            updated=time.time(),
             max_associations=self.config.dicom.max_associations,
-            listeners=[ListenerStatus(slot=i, pid=p.pid if p is not None else None,
-                                      alive=p is not None and p.is_alive(), open_associations=counts[i])
-                       for i, p in enumerate(self.listeners)],
+            listeners=[
+                ListenerStatus(
+                    slot=i,
+                    pid=p.pid if p is not None else None,
+                    alive=p is not None and p.is_alive(),
+                    open_associations=counts[i],
+                )
+                for i, p in enumerate(self.listeners)
+            ],
             worker_pid=self.worker.pid if self.worker is not None else None,
             worker_alive=self.worker is not None and self.worker.is_alive(),
         )
@@ -277,8 +318,11 @@ class Supervisor:
             if p.is_alive() or self.stop.is_set():
                 continue
             if not self.listener_budget.died(time.monotonic()):
-                log.error("ingest listeners died %d times within %.0f s; giving up (see the errors above)",
-                          self.listener_budget.recent, RESTART_WINDOW)
+                log.error(
+                    "ingest listeners died %d times within %.0f s; giving up (see the errors above)",
+                    self.listener_budget.recent,
+                    RESTART_WINDOW,
+                )
                 self.stop.set()
                 self._stop_all([*self.listeners, self.worker])
                 raise StartupError("ingest listeners keep dying; the appliance stopped")
@@ -296,9 +340,16 @@ class Supervisor:
             lived = now - self._worker_started
             requeued, failed = JobQueue(store.index).recover(set(), self.config.inference.max_attempts)
             delay = self.worker_backoff.delay(lived)
-            log.error("inference worker (pid %s) died with exit code %s after %.1f s; %d job(s) re-queued, %d failed; "
-                      "restarting it%s (DICOM reception is not affected)", w.pid, w.exitcode, lived, requeued, failed,
-                      f" in {delay:.1f} s" if delay else "")
+            log.error(
+                "inference worker (pid %s) died with exit code %s after %.1f s; %d job(s) re-queued, %d failed; "
+                "restarting it%s (DICOM reception is not affected)",
+                w.pid,
+                w.exitcode,
+                lived,
+                requeued,
+                failed,
+                f" in {delay:.1f} s" if delay else "",
+            )
             self.worker = None
             self._worker_due = now + delay
         if self.worker is None and self._worker_due is not None and now >= self._worker_due:

@@ -83,8 +83,9 @@ def read_snapshot(data_dir: Path, now: float | None = None) -> Snapshot:
     if not _pid_alive(snap.pid):
         raise NotRunningError(f"the appliance that wrote {path} (pid {snap.pid}) is not running")
     if now - snap.updated > STALE_SECONDS:
-        raise NotRunningError(f"the appliance (pid {snap.pid}) has not refreshed {path} for "
-                              f"{now - snap.updated:.0f} s: hung or stopping")
+        raise NotRunningError(
+            f"the appliance (pid {snap.pid}) has not refreshed {path} for {now - snap.updated:.0f} s: hung or stopping"
+        )
     return snap
 
 

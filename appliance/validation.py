@@ -30,8 +30,9 @@ def problems(err: ValidationError, *, show_input: bool = False) -> list[str]:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            out.append(f"{key}: unknown key" + (" (check the spelling; see README for the allowed keys)"
-                                                if show_input else ""))
+            out.append(
+                f"{key}: unknown key" + (" (check the spelling; see README for the allowed keys)" if show_input else "")
+            )
             continue
         got = e.get("input")
         shown = f" (got {got!r})" if show_input and not isinstance(got, (dict, list)) else ""

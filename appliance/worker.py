@@ -30,7 +30,6 @@ from appliance.store.locks import hold_processes_lock
 log = logging.getLogger("appliance.worker")
 
 
-
 class _Stopping(BaseException):
     """Raised in the worker's main thread by SIGTERM: abandon the job, give it back, exit."""
 
@@ -61,9 +60,13 @@ class Worker:
         now = time.monotonic()
         if now - self._last_disk_warning >= 60.0 or self._last_disk_warning == 0.0:
             self._last_disk_warning = now
-            log.warning("data disk %s has %d MB free, under half the reserve (%d MB): queued jobs wait until space "
-                        "is freed (delivered series are purged after storage.retention_days)",
-                        self.store.data_dir, free // 1_000_000, self.config.storage.min_free_bytes // 1_000_000)
+            log.warning(
+                "data disk %s has %d MB free, under half the reserve (%d MB): queued jobs wait until space "
+                "is freed (delivered series are purged after storage.retention_days)",
+                self.store.data_dir,
+                free // 1_000_000,
+                self.config.storage.min_free_bytes // 1_000_000,
+            )
         return True
 
     def backend_for(self, model: str) -> tuple[ModelPackage, Backend]:
@@ -71,8 +74,14 @@ class Worker:
             inf = self.config.inference
             package = installed_package(inf.resolved_models_dir(), model)
             backend = open_backend(package, inf.backend, inf.precision, self.store.data_dir / "engines", inf.threads)
-            log.info("model %s %s opened on %s (%s, %s)", package.name, package.version, backend.name,
-                     backend.device, backend.precision)
+            log.info(
+                "model %s %s opened on %s (%s, %s)",
+                package.name,
+                package.version,
+                backend.name,
+                backend.device,
+                backend.precision,
+            )
             self._opened[model] = (package, backend)
         return self._opened[model]
 
@@ -108,14 +117,38 @@ class Worker:
             return
         timings = {k: round(v, 3) for k, v in result.timings.items()}
         timings["total"] = round(time.perf_counter() - t0, 3)
-        objects = [NewObject(kind=o.kind, sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid,
-                             result_series_uid=o.series_instance_uid, path=f"{rel}/{o.filename}") for o in made]
-        if self.jobs.finish(job, ok=True, reason="done", backend=backend.name, device=backend.device,
-                            precision=backend.precision, timings=timings, result_dir=rel, objects=objects):
-            log.info("job %d done in %.1f s (%s): %d slices, %d lesion(s), %d result object(s) for %s; %s", job.id,
-                     timings["total"], backend.name, result.labels.shape[0], result.summary.measurements.lesion_count, len(objects),
-                     ", ".join(job.destinations) or "no destination",
-                     ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
+        objects = [
+            NewObject(
+                kind=o.kind,
+                sop_class_uid=o.sop_class_uid,
+                sop_instance_uid=o.sop_instance_uid,
+                result_series_uid=o.series_instance_uid,
+                path=f"{rel}/{o.filename}",
+            )
+            for o in made
+        ]
+        if self.jobs.finish(
+            job,
+            ok=True,
+            reason="done",
+            backend=backend.name,
+            device=backend.device,
+            precision=backend.precision,
+            timings=timings,
+            result_dir=rel,
+            objects=objects,
+        ):
+            log.info(
+                "job %d done in %.1f s (%s): %d slices, %d lesion(s), %d result object(s) for %s; %s",
+                job.id,
+                timings["total"],
+                backend.name,
+                result.labels.shape[0],
+                result.summary.measurements.lesion_count,
+                len(objects),
+                ", ".join(job.destinations) or "no destination",
+                ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"),
+            )
         else:
             log.info("job %d finished but its series changed meanwhile; the newer run will replace it", job.id)
 

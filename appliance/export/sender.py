@@ -37,8 +37,11 @@ def association_failure(assoc: object, dest: Destination) -> tuple[str, str | No
     prim = getattr(getattr(assoc, "acceptor", None), "primitive", None)
     if getattr(assoc, "is_rejected", False) and prim is not None:
         status = f"A-ASSOCIATE-RJ result {prim.result} source {prim.result_source} reason {prim.diagnostic}"
-        return (f"association rejected by {where}: {prim.result_str}, {prim.source_str}: {prim.reason_str}"
-                " (check the AE titles configured on both sides)", status)
+        return (
+            f"association rejected by {where}: {prim.result_str}, {prim.source_str}: {prim.reason_str}"
+            " (check the AE titles configured on both sides)",
+            status,
+        )
     if prim is None:
         return f"cannot connect to {where} (connection refused, host unreachable or timed out)", None
     if getattr(assoc, "is_aborted", False) and not getattr(assoc, "accepted_contexts", None):
@@ -75,21 +78,42 @@ class Sender:
 
     def _fail(self, row: OutboxRow, detail: str, status: str | None, permanent: bool = False) -> None:
         e = self.export
-        state = self.outbox.record_failure(row, detail, status, max_attempts=e.max_attempts, base=e.backoff_seconds,
-                                           cap=e.backoff_max_seconds, permanent=permanent)
+        state = self.outbox.record_failure(
+            row,
+            detail,
+            status,
+            max_attempts=e.max_attempts,
+            base=e.backoff_seconds,
+            cap=e.backoff_max_seconds,
+            permanent=permanent,
+        )
         if state == OutboxState.DEAD:
-            log.error("%s %s to %s: giving up after %d attempt(s): %s (dead letter; `appliance outbox retry %d`)",
-                      row.kind, row.sop_instance_uid, row.destination, row.attempts + 1, detail, row.id)
+            log.error(
+                "%s %s to %s: giving up after %d attempt(s): %s (dead letter; `appliance outbox retry %d`)",
+                row.kind,
+                row.sop_instance_uid,
+                row.destination,
+                row.attempts + 1,
+                detail,
+                row.id,
+            )
         else:
-            log.warning("%s %s to %s: attempt %d failed: %s; retrying later", row.kind, row.sop_instance_uid,
-                        row.destination, row.attempts + 1, detail)
+            log.warning(
+                "%s %s to %s: attempt %d failed: %s; retrying later",
+                row.kind,
+                row.sop_instance_uid,
+                row.destination,
+                row.attempts + 1,
+                detail,
+            )
 
     def send_to(self, name: str, rows: list[OutboxRow]) -> int:
         dest = self.destinations.get(name)
         if dest is None:
             for row in rows:
-                self._fail(row, f"destination {name!r} is not configured any more ([[destinations]])", None,
-                           permanent=True)
+                self._fail(
+                    row, f"destination {name!r} is not configured any more ([[destinations]])", None, permanent=True
+                )
             return 0
         datasets: list[tuple[OutboxRow, pydicom.Dataset]] = []
         contexts: set[tuple[str, str]] = set()
@@ -113,8 +137,9 @@ class Sender:
             t = self.export.timeout_seconds
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = t
             for sop_class, ts in sorted(contexts)[:128]:
-                ae.add_requested_context(sop_class,
-                                         list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+                ae.add_requested_context(
+                    sop_class, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+                )
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         except Exception as exc:  # e.g. a host name that does not resolve: an attempt like any other
             detail = f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}: {_describe(exc)}"
@@ -137,15 +162,19 @@ class Sender:
                     # Every failure is an attempt: recorded, backed off, a dead letter after max_attempts.
                     self._fail(row, f"cannot send to {dest.ae_title}: {_describe(exc)}", None)
                     if not assoc.is_established:  # the association went with it: the rest wait for the next one
-                        detail = (f"association with {dest.ae_title}@{dest.host}:{dest.port} ended by an earlier "
-                                  f"failure ({type(exc).__name__})")
-                        for other, _ in datasets[i + 1:]:
+                        detail = (
+                            f"association with {dest.ae_title}@{dest.host}:{dest.port} ended by an earlier "
+                            f"failure ({type(exc).__name__})"
+                        )
+                        for other, _ in datasets[i + 1 :]:
                             self._fail(other, detail, None)
                         break
                     continue
                 if not rsp or "Status" not in rsp:
-                    detail = (f"no C-STORE response from {dest.ae_title}@{dest.host}:{dest.port} (association "
-                              "aborted or timed out)")
+                    detail = (
+                        f"no C-STORE response from {dest.ae_title}@{dest.host}:{dest.port} (association "
+                        "aborted or timed out)"
+                    )
                     for other, _ in datasets[i:]:
                         self._fail(other, detail, None)
                     break

@@ -62,19 +62,20 @@ class Components:
     def count(self) -> int:
         return int(self.sizes.size)
 
-    def labelled(self, labels: LabelMap, only: Sequence[_Slab] | None = None
-                 ) -> Iterator[tuple[_Slab, np.ndarray]]:
+    def labelled(self, labels: LabelMap, only: Sequence[_Slab] | None = None) -> Iterator[tuple[_Slab, np.ndarray]]:
         """Per slab (all, or ``only``): its window of component numbers (int32, 0 = background), relabelled
         exactly as when the components were found (labelling is deterministic)."""
-        for slab in (self.slabs if only is None else only):
+        for slab in self.slabs if only is None else only:
             local = self.kept.pop(slab.start, None)  # once: memory goes as the slabs are consumed
             if local is None:
                 local, k = _label_window(labels, slab.start, slab.stop, slab.box, self.values, self.structure)
                 if k != slab.count:  # the label map changed between the passes: a bug, never silently wrong numbers
-                    raise RuntimeError(f"slices {slab.start}-{slab.stop}: {k} parts on relabelling, {slab.count} before")
+                    raise RuntimeError(
+                        f"slices {slab.start}-{slab.stop}: {k} parts on relabelling, {slab.count} before"
+                    )
             k = slab.count
             lut = np.zeros(k + 1, dtype=np.int32)
-            lut[1:] = self.part_component[slab.offset + 1:slab.offset + k + 1]
+            lut[1:] = self.part_component[slab.offset + 1 : slab.offset + k + 1]
             yield slab, lut[local]
 
 
@@ -84,15 +85,22 @@ def _mask_lut(values: Sequence[int]) -> np.ndarray:
     return lut
 
 
-def _label_window(labels: LabelMap, start: int, stop: int, box: tuple[int, int, int, int],
-                  values: Sequence[int], structure: np.ndarray) -> tuple[np.ndarray, int]:
+def _label_window(
+    labels: LabelMap,
+    start: int,
+    stop: int,
+    box: tuple[int, int, int, int],
+    values: Sequence[int],
+    structure: np.ndarray,
+) -> tuple[np.ndarray, int]:
     mask = _mask_lut(values)[labels.slab(start, stop, box)]
     local, k = ndimage.label(mask, structure=structure)
     return local, int(k)
 
 
-def _masked_window(labels: LabelMap, start: int, stop: int, values: Sequence[int]
-                   ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+def _masked_window(
+    labels: LabelMap, start: int, stop: int, values: Sequence[int]
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
     """The bounding box of ``values`` in slices ``start:stop`` and the mask inside it (None when absent)."""
     box = labels.bbox(start, stop)
     if box is None:
@@ -109,7 +117,7 @@ def _masked_window(labels: LabelMap, start: int, stop: int, values: Sequence[int
 def _plane(shape: tuple[int, int], local: np.ndarray, box: tuple[int, int, int, int], offset: int) -> np.ndarray:
     """One plane of slab-local part ids as global part ids on the whole slice (0 = background)."""
     out = np.zeros(shape, dtype=np.int64)
-    out[box[0]:box[1], box[2]:box[3]] = np.where(local > 0, local.astype(np.int64) + offset, 0)
+    out[box[0] : box[1], box[2] : box[3]] = np.where(local > 0, local.astype(np.int64) + offset, 0)
     return out
 
 
@@ -119,7 +127,7 @@ def _touching(prev: np.ndarray, cur: np.ndarray, offsets: Sequence[tuple[int, in
     padded = np.pad(prev, 1)
     pairs = []
     for dr, dc in offsets:
-        shifted = padded[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
+        shifted = padded[1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
         m = (shifted > 0) & (cur > 0)
         if m.any():
             pairs.append(np.stack([shifted[m], cur[m]], axis=1))
@@ -134,8 +142,9 @@ def _touching(prev: np.ndarray, cur: np.ndarray, offsets: Sequence[tuple[int, in
 KEEP_BYTES = 64 << 20
 
 
-def find_components(labels: LabelMap, values: Sequence[int], slab_slices: int, full: bool,
-                    keep_bytes: int = KEEP_BYTES) -> Components:
+def find_components(
+    labels: LabelMap, values: Sequence[int], slab_slices: int, full: bool, keep_bytes: int = KEEP_BYTES
+) -> Components:
     """Connected components of the voxels whose label is in ``values``: 26-connected when ``full``, else
     6-connected (``ndimage.label``'s default), labelled ``slab_slices`` slices at a time. Up to
     ``keep_bytes`` of the slabs' part ids are kept for one later pass of ``labelled`` (the labels must not

@@ -41,8 +41,13 @@ class LabelMap:
         ``offset`` of those slices, everything outside it zero (h, w = rows, cols for whole slices)."""
         k = labels.shape[0]
         ro, co = int(offset[0]), int(offset[1])
-        if (not 0 <= start <= self.shape[0] - k or ro < 0 or co < 0 or ro + labels.shape[1] > self.shape[1]
-                or co + labels.shape[2] > self.shape[2]):
+        if (
+            not 0 <= start <= self.shape[0] - k
+            or ro < 0
+            or co < 0
+            or ro + labels.shape[1] > self.shape[1]
+            or co + labels.shape[2] > self.shape[2]
+        ):
             raise ValueError(f"slab {labels.shape} at {start}, {offset} does not fit a label map of {self.shape}")
         if labels.dtype != np.uint8:
             labels = labels.astype(np.uint8)
@@ -76,8 +81,12 @@ class LabelMap:
         crops = [c for c in self._crops[start:stop] if c is not None]
         if not crops:
             return None
-        return (min(c[0] for c in crops), max(c[0] + c[2].shape[0] for c in crops),
-                min(c[1] for c in crops), max(c[1] + c[2].shape[1] for c in crops))
+        return (
+            min(c[0] for c in crops),
+            max(c[0] + c[2].shape[0] for c in crops),
+            min(c[1] for c in crops),
+            max(c[1] + c[2].shape[1] for c in crops),
+        )
 
     def slab(self, start: int, stop: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Dense uint8 (stop - start, rows, cols) copy of slices ``start:stop``; with ``box`` only that
@@ -92,7 +101,7 @@ class LabelMap:
             ar0, ar1 = max(cr, r0), min(cr + a.shape[0], r1)
             ac0, ac1 = max(cc, c0), min(cc + a.shape[1], c1)
             if ar0 < ar1 and ac0 < ac1:
-                out[i, ar0 - r0:ar1 - r0, ac0 - c0:ac1 - c0] = a[ar0 - cr:ar1 - cr, ac0 - cc:ac1 - cc]
+                out[i, ar0 - r0 : ar1 - r0, ac0 - c0 : ac1 - c0] = a[ar0 - cr : ar1 - cr, ac0 - cc : ac1 - cc]
         return out
 
     def slice(self, index: int) -> np.ndarray:
@@ -106,7 +115,7 @@ class LabelMap:
             crop = self._crops[int(i)]
             if crop is not None:
                 cr, cc, a = crop
-                out[j, cr:cr + a.shape[0], cc:cc + a.shape[1]] = a
+                out[j, cr : cr + a.shape[0], cc : cc + a.shape[1]] = a
         return out
 
     def slabs(self, size: int) -> Iterator[tuple[int, int]]:
@@ -161,7 +170,7 @@ class LabelMap:
             return
         R0, R1, C0, C1 = min(whole[0], r0), max(whole[1], r1), min(whole[2], c0), max(whole[3], c1)
         dense = self.slab(start, stop, (R0, R1, C0, C1))
-        window = dense[:, r0 - R0:r1 - R0, c0 - C0:c1 - C0]
+        window = dense[:, r0 - R0 : r1 - R0, c0 - C0 : c1 - C0]
         window[~keep] = 0
         self.set_slab(start, dense, (R0, C0))
 

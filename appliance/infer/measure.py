@@ -88,19 +88,30 @@ class Measurements:
         """The summary's measurement part, as ``summary.json`` has always held it."""
         return {
             "voxel_volume_ml": self.voxel_volume_ml,
-            "labels": [{"value": lv.value, "name": lv.name, "voxels": lv.voxels, "volume_ml": lv.volume_ml}
-                       for lv in self.labels],
-            "organs": [{"name": o.name, "labels": list(o.labels), "voxels": o.voxels, "volume_ml": o.volume_ml}
-                       for o in self.organs],
+            "labels": [
+                {"value": lv.value, "name": lv.name, "voxels": lv.voxels, "volume_ml": lv.volume_ml}
+                for lv in self.labels
+            ],
+            "organs": [
+                {"name": o.name, "labels": list(o.labels), "voxels": o.voxels, "volume_ml": o.volume_ml}
+                for o in self.organs
+            ],
             "lesions": {
                 "count": self.lesion_count,
                 "total_volume_ml": self.total_lesion_volume_ml,
                 "largest_diameter_mm": self.largest_diameter_mm,
-                "items": [{"label": les.label, "volume_ml": les.volume_ml,
-                           "longest_axial_diameter_mm": les.longest_axial_diameter_mm,
-                           "slice_index": les.slice_index, "slice_sop_instance_uid": les.slice_sop_instance_uid,
-                           "centroid_voxel": list(les.centroid_voxel), "index": les.index}
-                          for les in self.lesions],
+                "items": [
+                    {
+                        "label": les.label,
+                        "volume_ml": les.volume_ml,
+                        "longest_axial_diameter_mm": les.longest_axial_diameter_mm,
+                        "slice_index": les.slice_index,
+                        "slice_sop_instance_uid": les.slice_sop_instance_uid,
+                        "centroid_voxel": list(les.centroid_voxel),
+                        "index": les.index,
+                    }
+                    for les in self.lesions
+                ],
             },
         }
 
@@ -110,20 +121,33 @@ class Measurements:
         try:
             return cls(
                 voxel_volume_ml=float(d["voxel_volume_ml"]),
-                labels=tuple(LabelVolume(int(x["value"]), str(x["name"]), int(x["voxels"]), float(x["volume_ml"]))
-                             for x in d["labels"]),
-                organs=tuple(OrganVolume(str(x["name"]), tuple(int(v) for v in x["labels"]), int(x["voxels"]),
-                                         float(x["volume_ml"])) for x in d["organs"]),
-                lesions=tuple(Lesion(index=int(x["index"]), label=int(x["label"]), volume_ml=float(x["volume_ml"]),
-                                     longest_axial_diameter_mm=float(x["longest_axial_diameter_mm"]),
-                                     slice_index=int(x["slice_index"]),
-                                     slice_sop_instance_uid=str(x["slice_sop_instance_uid"]),
-                                     centroid_voxel=_triple(x["centroid_voxel"]))
-                              for x in d["lesions"]["items"]),
+                labels=tuple(
+                    LabelVolume(int(x["value"]), str(x["name"]), int(x["voxels"]), float(x["volume_ml"]))
+                    for x in d["labels"]
+                ),
+                organs=tuple(
+                    OrganVolume(
+                        str(x["name"]), tuple(int(v) for v in x["labels"]), int(x["voxels"]), float(x["volume_ml"])
+                    )
+                    for x in d["organs"]
+                ),
+                lesions=tuple(
+                    Lesion(
+                        index=int(x["index"]),
+                        label=int(x["label"]),
+                        volume_ml=float(x["volume_ml"]),
+                        longest_axial_diameter_mm=float(x["longest_axial_diameter_mm"]),
+                        slice_index=int(x["slice_index"]),
+                        slice_sop_instance_uid=str(x["slice_sop_instance_uid"]),
+                        centroid_voxel=_triple(x["centroid_voxel"]),
+                    )
+                    for x in d["lesions"]["items"]
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise SummaryFormatError(f"the measurement summary is incomplete or malformed ({type(exc).__name__}: "
-                                     f"{exc})") from None
+            raise SummaryFormatError(
+                f"the measurement summary is incomplete or malformed ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def _triple(v: Any) -> tuple[float, float, float]:
@@ -161,8 +185,13 @@ def _longest_of_pixels(rows: np.ndarray, cols: np.ndarray, spacing: tuple[float,
     return float(d.max())
 
 
-def measure_dense(labels: np.ndarray, label_defs: list[Label], pixel_spacing: tuple[float, float],
-                  slice_spacing: float, sop_instance_uids: list[str]) -> Measurements:
+def measure_dense(
+    labels: np.ndarray,
+    label_defs: list[Label],
+    pixel_spacing: tuple[float, float],
+    slice_spacing: float,
+    sop_instance_uids: list[str],
+) -> Measurements:
     """The whole-volume measurement :func:`measure` replaced, kept as the reference the slab path is
     tested against (it labels the whole volume at once: 4 bytes a voxel)."""
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
@@ -184,18 +213,32 @@ def measure_dense(labels: np.ndarray, label_defs: list[Label], pixel_spacing: tu
                     if d > best:
                         best, best_z = d, sl[0].start + dz
             zc, rc, cc = ndimage.center_of_mass(sub)
-            lesions.append(Lesion(
-                index=0, label=lab.value, volume_ml=round(int(sizes[i]) * voxel_ml, 3),
-                longest_axial_diameter_mm=round(best, 1), slice_index=int(best_z),
-                slice_sop_instance_uid=sop_instance_uids[best_z],
-                centroid_voxel=(float(round(zc + sl[0].start, 1)), float(round(rc + sl[1].start, 1)),
-                                float(round(cc + sl[2].start, 1))),
-            ))
+            lesions.append(
+                Lesion(
+                    index=0,
+                    label=lab.value,
+                    volume_ml=round(int(sizes[i]) * voxel_ml, 3),
+                    longest_axial_diameter_mm=round(best, 1),
+                    slice_index=int(best_z),
+                    slice_sop_instance_uid=sop_instance_uids[best_z],
+                    centroid_voxel=(
+                        float(round(zc + sl[0].start, 1)),
+                        float(round(rc + sl[1].start, 1)),
+                        float(round(cc + sl[2].start, 1)),
+                    ),
+                )
+            )
     return _report(counts, lesions, label_defs, voxel_ml)
 
 
-def measure(labels: np.ndarray | LabelMap, label_defs: list[Label], pixel_spacing: tuple[float, float],
-            slice_spacing: float, sop_instance_uids: list[str], slab_slices: int = 64) -> Measurements:
+def measure(
+    labels: np.ndarray | LabelMap,
+    label_defs: list[Label],
+    pixel_spacing: tuple[float, float],
+    slice_spacing: float,
+    sop_instance_uids: list[str],
+    slab_slices: int = 64,
+) -> Measurements:
     """Label volumes, organ volumes and lesions of a label map, ``slab_slices`` slices at a time.
 
     The same numbers as :func:`measure_dense` (lesions numbered, ordered and measured identically), with
@@ -236,19 +279,26 @@ def measure(labels: np.ndarray | LabelMap, label_defs: list[Label], pixel_spacin
             # (numpy rounds 26.95 to 27.0 where Python's float gives 26.9).
             zc, rc, cc = (np.float64(sums[i, k]) / np.float64(n) for k in range(3))
             z0, r0, c0 = (int(v) for v in comps.lo[i])
-            lesions.append(Lesion(
-                index=0, label=lab.value, volume_ml=round(n * voxel_ml, 3),
-                longest_axial_diameter_mm=round(float(best[i]), 1), slice_index=int(best_z[i]),
-                slice_sop_instance_uid=sop_instance_uids[int(best_z[i])],
-                centroid_voxel=(float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))),
-            ))
+            lesions.append(
+                Lesion(
+                    index=0,
+                    label=lab.value,
+                    volume_ml=round(n * voxel_ml, 3),
+                    longest_axial_diameter_mm=round(float(best[i]), 1),
+                    slice_index=int(best_z[i]),
+                    slice_sop_instance_uid=sop_instance_uids[int(best_z[i])],
+                    centroid_voxel=(float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))),
+                )
+            )
     return _report(counts, lesions, label_defs, voxel_ml)
 
 
 def _report(counts: np.ndarray, lesions: list[Lesion], label_defs: list[Label], voxel_ml: float) -> Measurements:
     """The measurements from voxel counts per label value and the lesions found (numbered here, largest first)."""
-    out_labels = tuple(LabelVolume(lab.value, lab.name, int(counts[lab.value]), round(int(counts[lab.value]) * voxel_ml, 3))
-                       for lab in label_defs)
+    out_labels = tuple(
+        LabelVolume(lab.value, lab.name, int(counts[lab.value]), round(int(counts[lab.value]) * voxel_ml, 3))
+        for lab in label_defs
+    )
     lesions = sorted(lesions, key=lambda d: -d.volume_ml)  # stable: ties keep the order they were found in
     numbered = tuple(dataclasses.replace(les, index=i) for i, les in enumerate(lesions, start=1))
     lesion_values = {lab.value for lab in label_defs if lab.category.code == LESION_CATEGORY}

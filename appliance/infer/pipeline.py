@@ -135,8 +135,9 @@ class SlabPlan:
     post: int
 
 
-def plan_slabs(shape: tuple[int, int, int], padded: tuple[int, int], batch: int, memory_budget_mb: int,
-               rss: int | None = None) -> SlabPlan:
+def plan_slabs(
+    shape: tuple[int, int, int], padded: tuple[int, int], batch: int, memory_budget_mb: int, rss: int | None = None
+) -> SlabPlan:
     """Slab sizes for a series of ``shape`` on a model grid of ``padded`` pixels.
 
     What the process already holds (interpreter, libraries, the opened model: ``rss``) is taken off the
@@ -159,8 +160,14 @@ def plan_slabs(shape: tuple[int, int, int], padded: tuple[int, int], batch: int,
 PIPELINE_SLAB = 64
 
 
-def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, progress: Progress | None = None,
-                   memory_budget_mb: int = 1024, plan: SlabPlan | None = None) -> tuple[LabelMap, dict[str, float]]:
+def segment_volume(
+    volume: Volume,
+    package: ModelPackage,
+    backend: Backend,
+    progress: Progress | None = None,
+    memory_budget_mb: int = 1024,
+    plan: SlabPlan | None = None,
+) -> tuple[LabelMap, dict[str, float]]:
     """Label map on the source grid, a slab of slices at a time.
 
     Each slab's slices and their context neighbours (the manifest's channels) are decoded and resampled a
@@ -204,26 +211,31 @@ def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, prog
             p0, p1 = spans[i - 1]
             done = min(p1, c1)
             if done > c0:
-                out[: done - c0] = prev[c0 - p0:done - p0]
+                out[: done - c0] = prev[c0 - p0 : done - p0]
             else:
                 done = c0
         # The first slab on every core (nothing else runs yet); later ones on one thread, beside the forward
         # pass's own threads: more would only take turns with them.
-        _, read_s, resample_s = prepare_slices(volume.read_hu, done, c1, grid, spec, out=out[done - c0:],
-                                               workers=None if i == 0 else 1)
+        _, read_s, resample_s = prepare_slices(
+            volume.read_hu, done, c1, grid, spec, out=out[done - c0 :], workers=None if i == 0 else 1
+        )
         return out, read_s, resample_s
 
     def to_labels(scores: np.ndarray, start: int, stop: int, slab: np.ndarray, z0: int) -> None:
         if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != grid.padded:
-            raise InferenceError(f"model {package.name} returned scores of shape {scores.shape} for input "
-                                 f"{(stop - start, spec.channels, *grid.padded)}")
-        scores_to_labels(scores, grid, out=slab[start - z0:stop - z0])
+            raise InferenceError(
+                f"model {package.name} returned scores of shape {scores.shape} for input "
+                f"{(stop - start, spec.channels, *grid.padded)}"
+            )
+        scores_to_labels(scores, grid, out=slab[start - z0 : stop - z0])
 
     t_read = t_prep = t_infer = t_post = 0.0
     # Scores become labels on a thread of their own while the next batch is predicted (one batch in flight:
     # the scores of at most two batches exist at once).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as ahead, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") as behind:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as ahead,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") as behind,
+    ):
         pending: Future | None = ahead.submit(prepare, 0, None) if bounds else None
         for i, (z0, z1) in enumerate(bounds):
             c0 = spans[i][0]
@@ -263,15 +275,31 @@ def segment_volume(volume: Volume, package: ModelPackage, backend: Backend, prog
     keep = package.manifest.postprocess.largest_component
     if keep:
         keep_largest_component_map(labels, keep, plan.post)
-    timings = {"decode": t_read, "preprocess": t_prep, "infer": t_infer,
-               "postprocess": t_post + time.perf_counter() - t}
-    log.debug("series %s: %d slices in slabs of %d (post-processing %d); labels %.1f MB compact",
-              volume.series_uid, n, step, plan.post, labels.nbytes / 1e6)
+    timings = {
+        "decode": t_read,
+        "preprocess": t_prep,
+        "infer": t_infer,
+        "postprocess": t_post + time.perf_counter() - t,
+    }
+    log.debug(
+        "series %s: %d slices in slabs of %d (post-processing %d); labels %.1f MB compact",
+        volume.series_uid,
+        n,
+        step,
+        plan.post,
+        labels.nbytes / 1e6,
+    )
     return labels, timings
 
 
-def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, progress: Progress | None = None,
-               memory_budget_mb: int = 1024, plan: SlabPlan | None = None) -> SeriesResult:
+def run_series(
+    paths: Sequence[Path],
+    package: ModelPackage,
+    backend: Backend,
+    progress: Progress | None = None,
+    memory_budget_mb: int = 1024,
+    plan: SlabPlan | None = None,
+) -> SeriesResult:
     """Read the headers of ``paths`` (one series), then segment it slab by slab and measure the result.
 
     Peak memory follows ``memory_budget_mb`` (``[inference] memory_budget_mb``), not the series length.
@@ -280,8 +308,14 @@ def run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, p
         return _run_series(paths, package, backend, progress, memory_budget_mb, plan)
 
 
-def _run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, progress: Progress | None,
-                memory_budget_mb: int, plan: SlabPlan | None) -> SeriesResult:
+def _run_series(
+    paths: Sequence[Path],
+    package: ModelPackage,
+    backend: Backend,
+    progress: Progress | None,
+    memory_budget_mb: int,
+    plan: SlabPlan | None,
+) -> SeriesResult:
     t = time.perf_counter()
     volume = scan_series(paths)
     t_scan = time.perf_counter() - t
@@ -292,17 +326,28 @@ def _run_series(paths: Sequence[Path], package: ModelPackage, backend: Backend, 
     timings["decode"] += t_scan  # the header scan is part of reading the series
     trim_heap()  # the slabs' buffers are gone; what results build next then starts from a trimmed heap
     t = time.perf_counter()
-    measurements = measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing,
-                           volume.sop_instance_uids, slab_slices=plan.post)
+    measurements = measure(
+        labels,
+        package.labels,
+        volume.pixel_spacing,
+        volume.slice_spacing,
+        volume.sop_instance_uids,
+        slab_slices=plan.post,
+    )
     timings["measure"] = time.perf_counter() - t
     summary = Summary(
         model=ModelInfo(package.name, package.version, package.onnx_sha256),
         backend=BackendInfo(backend.name, backend.device, backend.precision),
         series=SeriesInfo(
-            study_instance_uid=volume.study_uid, series_instance_uid=volume.series_uid,
-            slices=int(labels.shape[0]), rows=int(labels.shape[1]), columns=int(labels.shape[2]),
+            study_instance_uid=volume.study_uid,
+            series_instance_uid=volume.series_uid,
+            slices=int(labels.shape[0]),
+            rows=int(labels.shape[1]),
+            columns=int(labels.shape[2]),
             pixel_spacing_mm=(float(volume.pixel_spacing[0]), float(volume.pixel_spacing[1])),
-            slice_spacing_mm=volume.slice_spacing, warnings=tuple(volume.warnings)),
+            slice_spacing_mm=volume.slice_spacing,
+            warnings=tuple(volume.warnings),
+        ),
         measurements=measurements,
         timings_s={k: round(v, 3) for k, v in timings.items()},
     )
@@ -323,12 +368,16 @@ def labelmap_npz(labels: LabelMap | np.ndarray, sop_instance_uids: Sequence[str]
     with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         with zf.open("labels.npy", "w", force_zip64=True) as fid:
             shape = tuple(int(v) for v in labels.shape)
-            np.lib.format.write_array_header_1_0(fid, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                       "fortran_order": False, "shape": shape})
+            np.lib.format.write_array_header_1_0(
+                fid, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+            )
             for a in range(0, shape[0], slab_slices):
                 b = min(shape[0], a + slab_slices)
-                part = (labels.slab(a, b) if isinstance(labels, LabelMap)
-                        else np.ascontiguousarray(labels[a:b], dtype=np.uint8))
+                part = (
+                    labels.slab(a, b)
+                    if isinstance(labels, LabelMap)
+                    else np.ascontiguousarray(labels[a:b], dtype=np.uint8)
+                )
                 fid.write(part.tobytes())
         with zf.open("sop_instance_uids.npy", "w", force_zip64=True) as fid:
             np.lib.format.write_array(fid, np.array(list(sop_instance_uids), dtype=np.str_), allow_pickle=False)

@@ -42,7 +42,6 @@ def keep_largest_component_map(labels: LabelMap, classes: Sequence[int], slab_sl
         return
     keep = int(comps.sizes.argmax()) + 1  # the first of equal largest, as sizes.argmax() on the whole volume
     # Only slabs with a part outside the kept component change.
-    touched = [s for s in comps.slabs
-               if (comps.part_component[s.offset + 1:s.offset + s.count + 1] != keep).any()]
+    touched = [s for s in comps.slabs if (comps.part_component[s.offset + 1 : s.offset + s.count + 1] != keep).any()]
     for slab, comp in comps.labelled(labels, touched):
         labels.zero_where(slab.start, (comp == 0) | (comp == keep), slab.box)

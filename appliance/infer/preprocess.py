@@ -111,9 +111,15 @@ def to_model_grid(volume_hu: np.ndarray, grid: ModelGrid, spec: InputSpec) -> np
     return prepare_slices(lambda a, b: volume_hu[a:b], 0, volume_hu.shape[0], grid, spec)[0]
 
 
-def prepare_slices(read: Callable[[int, int], np.ndarray], start: int, stop: int, grid: ModelGrid,
-                   spec: InputSpec, out: np.ndarray | None = None, workers: int | None = None
-                   ) -> tuple[np.ndarray, float, float]:
+def prepare_slices(
+    read: Callable[[int, int], np.ndarray],
+    start: int,
+    stop: int,
+    grid: ModelGrid,
+    spec: InputSpec,
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+) -> tuple[np.ndarray, float, float]:
     """:func:`to_model_grid` of slices ``start:stop``, each chunk read by ``read(a, b)`` (HU, float32) on the
     thread that resamples it: a series can be decoded and prepared a few slices at a time, never held in
     HU. Returns the prepared slices (in ``out``, (stop - start, H, W) float32, when given) and the threads'
@@ -127,15 +133,15 @@ def prepare_slices(read: Callable[[int, int], np.ndarray], start: int, stop: int
     elif out.shape != (n, *grid.padded) or out.dtype != np.float32:
         raise ValueError(f"out has shape {out.shape} ({out.dtype}), not {(n, *grid.padded)} float32")
     # Padding reads as air: only the margins right and below the image (the image part is overwritten).
-    out[:, grid.shape[0]:, :] = -1.0
-    out[:, : grid.shape[0], grid.shape[1]:] = -1.0
+    out[:, grid.shape[0] :, :] = -1.0
+    out[:, : grid.shape[0], grid.shape[1] :] = -1.0
     spent = [0.0, 0.0]
 
     def work(s0: int) -> None:
         t = time.perf_counter()
         chunk = np.asarray(read(start + s0, min(stop, start + s0 + _CHUNK)), dtype=np.float32)
         t1 = time.perf_counter()
-        out[s0:s0 + _CHUNK, : grid.shape[0], : grid.shape[1]] = normalise(resize2d(chunk, grid.shape), spec.window)
+        out[s0 : s0 + _CHUNK, : grid.shape[0], : grid.shape[1]] = normalise(resize2d(chunk, grid.shape), spec.window)
         t2 = time.perf_counter()
         spent[0] += t1 - t  # float += under the GIL: good enough for a timing split
         spent[1] += t2 - t1

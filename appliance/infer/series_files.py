@@ -33,7 +33,9 @@ def find_series(folder: Path, series_uid: str | None = None) -> list[Path]:
             raise InferenceError(f"no image of series {series_uid} in {folder}")
         return by_series[series_uid]
     if not by_series:
-        raise InferenceError(f"no DICOM images in {folder}" + (f" ({skipped} non-DICOM files skipped)" if skipped else ""))
+        raise InferenceError(
+            f"no DICOM images in {folder}" + (f" ({skipped} non-DICOM files skipped)" if skipped else "")
+        )
     if len(by_series) > 1:
         listing = ", ".join(f"{uid or '(blank)'} ({len(f)} files)" for uid, f in sorted(by_series.items()))
         raise InferenceError(f"{folder} holds {len(by_series)} series; choose one with --series: {listing}")

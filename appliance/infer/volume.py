@@ -153,9 +153,14 @@ def _read_header(path: Path) -> tuple[Dataset, int | None]:
     meta = getattr(ds, "file_meta", None)
     tsuid = meta.get("TransferSyntaxUID") if meta is not None else None
     try:
-        native = (tsuid in _NATIVE_LE and int(ds.get("BitsAllocated", 0)) == 16 and int(ds.get("BitsStored", 0)) == 16
-                  and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
-                  and int(ds.get("PixelRepresentation", -1)) in (0, 1))
+        native = (
+            tsuid in _NATIVE_LE
+            and int(ds.get("BitsAllocated", 0)) == 16
+            and int(ds.get("BitsStored", 0)) == 16
+            and int(ds.get("SamplesPerPixel", 1)) == 1
+            and int(ds.get("NumberOfFrames", 1) or 1) == 1
+            and int(ds.get("PixelRepresentation", -1)) in (0, 1)
+        )
     except (TypeError, ValueError):
         native = False
     return ds, (offset if native else None)
@@ -199,7 +204,9 @@ def decode_file(path: Path, sop_instance_uid: str, shape: tuple[int, int]) -> np
         raise DecodeError(f"{where}: has no pixel data")
     hu = decode_hu(ds, where)
     if hu.shape != tuple(shape):
-        raise GeometryError(f"{where}: {hu.shape[0]}x{hu.shape[1]} pixels differs from the series' {shape[0]}x{shape[1]}")
+        raise GeometryError(
+            f"{where}: {hu.shape[0]}x{hu.shape[1]} pixels differs from the series' {shape[0]}x{shape[1]}"
+        )
     return hu
 
 
@@ -249,10 +256,13 @@ def scan_series(paths: Sequence[Path]) -> Volume:
                 raise GeometryError(f"{where}: ImageOrientationPatient {iop} is not two orthonormal directions")
             shape = (int(ds.Rows), int(ds.Columns))
         elif max(abs(a - b) for a, b in zip(iop, orientation, strict=True)) > _ORIENTATION_TOL:
-            raise GeometryError(f"{where}: orientation {iop} differs from the series' {orientation} "
-                                "(localizers or reformats mixed in?)")
+            raise GeometryError(
+                f"{where}: orientation {iop} differs from the series' {orientation} (localizers or reformats mixed in?)"
+            )
         elif (int(ds.Rows), int(ds.Columns)) != shape:
-            raise GeometryError(f"{where}: {ds.Rows}x{ds.Columns} pixels differs from the series' {shape[0]}x{shape[1]}")
+            raise GeometryError(
+                f"{where}: {ds.Rows}x{ds.Columns} pixels differs from the series' {shape[0]}x{shape[1]}"
+            )
         headers.append((float(np.dot(normal, ipp)), ipp, ds, p, native))
 
     assert orientation is not None  # paths is not empty
@@ -262,8 +272,10 @@ def scan_series(paths: Sequence[Path]) -> Volume:
         gaps = np.diff(z)
         if (gaps < 1e-3).any():
             dup = int(np.argmin(gaps))
-            raise GeometryError(f"two instances at the same position ({z[dup]:.2f} mm along the normal): "
-                                f"{headers[dup][2].SOPInstanceUID} and {headers[dup + 1][2].SOPInstanceUID}")
+            raise GeometryError(
+                f"two instances at the same position ({z[dup]:.2f} mm along the normal): "
+                f"{headers[dup][2].SOPInstanceUID} and {headers[dup + 1][2].SOPInstanceUID}"
+            )
         slice_spacing = float(np.median(gaps))
         if (np.abs(gaps - slice_spacing) > _GAP_TOL * slice_spacing).any():
             msg = f"irregular slice spacing: gaps from {gaps.min():.2f} to {gaps.max():.2f} mm (median {slice_spacing:.2f})"

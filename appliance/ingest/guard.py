@@ -64,8 +64,15 @@ ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PDU_PARAMETER = 0x06
 
-_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
-              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+_PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
 
 
 @dataclass
@@ -77,7 +84,7 @@ class Limits:
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     memory_instance_bytes: int = 32 * 1024 * 1024
-    max_instance_bytes: int = 4 * 1024 ** 3
+    max_instance_bytes: int = 4 * 1024**3
     #: Directory on the data filesystem for spilled data sets (the spool's incoming directory).
     spill_dir: str | None = None
     #: Called with a short kind ("oversized_pdu", "undecodable_pdu", ...) for every violation.
@@ -246,12 +253,14 @@ def read_pdu(dul: Any) -> None:
         if pdu_type not in _PDU_NAMES:
             raise ProtocolViolation("unknown_pdu_type", f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNIZED_PDU)
         if state in ("Sta1", "Sta2") and pdu_type not in (0x01, 0x07):  # before association: a request or an abort
-            raise ProtocolViolation("unexpected_pdu", f"{_PDU_NAMES[pdu_type]} before any A-ASSOCIATE-RQ",
-                                    ABORT_UNEXPECTED_PDU)
+            raise ProtocolViolation(
+                "unexpected_pdu", f"{_PDU_NAMES[pdu_type]} before any A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU
+            )
         cap = _limits.max_pdu + PDATA_SLACK if pdu_type == 0x04 else _limits.max_association_pdu
         if length > cap:
             raise ProtocolViolation(
-                "oversized_pdu", f"{_PDU_NAMES[pdu_type]} announces {length} bytes, over the {cap}-byte limit")
+                "oversized_pdu", f"{_PDU_NAMES[pdu_type]} announces {length} bytes, over the {cap}-byte limit"
+            )
     except ProtocolViolation as exc:
         violation(dul, exc)
         return
@@ -268,22 +277,37 @@ def read_pdu(dul: Any) -> None:
                 break
             have = got
     except (OSError, TimeoutError) as exc:
-        log.warning("connection from %s: %s of %d bytes stopped after %d (%s); closed",
-                    peer_of(dul), _PDU_NAMES[pdu_type], length, have - 6, _why(exc))
+        log.warning(
+            "connection from %s: %s of %d bytes stopped after %d (%s); closed",
+            peer_of(dul),
+            _PDU_NAMES[pdu_type],
+            length,
+            have - 6,
+            _why(exc),
+        )
         _count("incomplete_pdu")
         _abort_and_close(dul, ABORT_INVALID_PDU_PARAMETER)
         return
     if have < 6 + length:
-        log.warning("connection from %s closed inside a %s (%d of %d bytes)",
-                    peer_of(dul), _PDU_NAMES[pdu_type], have - 6, length)
+        log.warning(
+            "connection from %s closed inside a %s (%d of %d bytes)",
+            peer_of(dul),
+            _PDU_NAMES[pdu_type],
+            have - 6,
+            length,
+        )
         _count("truncated_pdu")
         dul.event_queue.put("Evt17")
         return
     try:
         pdu, event = dul._decode_pdu(buf)
     except Exception as exc:
-        violation(dul, ProtocolViolation("undecodable_pdu", f"{_PDU_NAMES[pdu_type]} cannot be decoded: "
-                                         f"{type(exc).__name__}: {exc}"))
+        violation(
+            dul,
+            ProtocolViolation(
+                "undecodable_pdu", f"{_PDU_NAMES[pdu_type]} cannot be decoded: {type(exc).__name__}: {exc}"
+            ),
+        )
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
@@ -308,6 +332,7 @@ def violation(dul: Any, exc: ProtocolViolation) -> None:
 
 # -- DIMSE message size accounting and spilling ------------------------------------------------------
 
+
 def _decode_msg_guarded(orig: Callable[..., bool]) -> Callable[..., bool]:
     @functools.wraps(orig)
     def decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
@@ -320,13 +345,20 @@ def _decode_msg_guarded(orig: Callable[..., bool]) -> Callable[..., bool]:
         except ProtocolViolation as exc:
             return _violated(self, assoc, exc)
         except Exception as exc:
-            return _violated(self, assoc, ProtocolViolation(
-                "invalid_dimse", f"invalid DIMSE message: {type(exc).__name__}: {exc}"))
+            return _violated(
+                self, assoc, ProtocolViolation("invalid_dimse", f"invalid DIMSE message: {type(exc).__name__}: {exc}")
+            )
         ds = self.data_set
-        if (not done and type(ds) is BytesIO and ds.tell() > _limits.memory_instance_bytes
-                and _limits.spill_dir is not None and assoc is not None):
+        if (
+            not done
+            and type(ds) is BytesIO
+            and ds.tell() > _limits.memory_instance_bytes
+            and _limits.spill_dir is not None
+            and assoc is not None
+        ):
             self.data_set = _spill(self, ds, assoc)
         return done
+
     return decode_msg
 
 
@@ -351,13 +383,15 @@ def _account(msg: Any, primitive: Any, assoc: Any) -> None:
                 raise ProtocolViolation("oversized_command", f"DIMSE command set over {MAX_COMMAND_BYTES} bytes")
         else:
             if getattr(msg, "context_id", None) is None:  # set when the command's last fragment arrived
-                raise ProtocolViolation("data_before_command", "data set fragment before its command set",
-                                        ABORT_UNEXPECTED_PDU)
+                raise ProtocolViolation(
+                    "data_before_command", "data set fragment before its command set", ABORT_UNEXPECTED_PDU
+                )
             n = getattr(msg, "_edge_data_bytes", 0) + len(data) - 1
             msg._edge_data_bytes = n
             if n > _limits.max_instance_bytes:
                 raise ProtocolViolation(
-                    "oversized_dataset", f"data set over max_instance_bytes={_limits.max_instance_bytes}")
+                    "oversized_dataset", f"data set over max_instance_bytes={_limits.max_instance_bytes}"
+                )
 
 
 def _spill(msg: Any, ds: BytesIO, assoc: Any) -> BytesIO:
@@ -365,11 +399,13 @@ def _spill(msg: Any, ds: BytesIO, assoc: Any) -> BytesIO:
 
     cs = msg.command_set
     ts = assoc._accepted_cx[msg.context_id].transfer_syntax[0] if msg.context_id in assoc._accepted_cx else None
-    prefix = file_meta(str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID), str(ts),
-                       str(assoc.requestor.ae_title or ""))
+    prefix = file_meta(
+        str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID), str(ts), str(assoc.requestor.ae_title or "")
+    )
     spilled = SpilledDataset(_limits.spill_dir or ".", prefix, ds.getbuffer())
-    log.debug("data set from %s over %d bytes: spilled to %s", peer_of(assoc.dul), _limits.memory_instance_bytes,
-              spilled.path)
+    log.debug(
+        "data set from %s over %d bytes: spilled to %s", peer_of(assoc.dul), _limits.memory_instance_bytes, spilled.path
+    )
     return spilled
 
 
@@ -431,8 +467,9 @@ def _dul_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
         except ProtocolViolation as exc:
             violation(self, exc)
         except Exception as exc:
-            log.warning("association from %s ended on an unexpected condition: %s: %s",
-                        peer_of(self), type(exc).__name__, exc)
+            log.warning(
+                "association from %s ended on an unexpected condition: %s: %s", peer_of(self), type(exc).__name__, exc
+            )
             _count("internal_error")
             _abort_and_close(self, 0x00)
         finally:
@@ -449,6 +486,7 @@ def _dul_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
                 pass
             _discard_spill(self)
             _run_end_hooks(self.assoc)
+
     return run_reactor
 
 
@@ -489,8 +527,12 @@ def _assoc_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
                 return
             orig(self)
         except Exception as exc:
-            log.warning("association from %s ended on an unexpected condition: %s: %s",
-                        peer_of(self.dul), type(exc).__name__, exc)
+            log.warning(
+                "association from %s ended on an unexpected condition: %s: %s",
+                peer_of(self.dul),
+                type(exc).__name__,
+                exc,
+            )
             _count("internal_error")
             if self.dul.is_alive():
                 _abort_and_close(self.dul, 0x00)
@@ -498,6 +540,7 @@ def _assoc_run_guarded(orig: Callable[[Any], None]) -> Callable[[Any], None]:
         finally:
             if not self.dul.is_alive() and not getattr(self, "_started_dul", False):
                 _run_end_hooks(self)  # the DUL never ran, so its clean-up never will
+
     return run_reactor
 
 
@@ -521,8 +564,12 @@ def _thread_excepthook(args: Any) -> None:
     """Last resort for a thread the wrappers do not cover: one line, not a traceback."""
     if args.exc_type is SystemExit:
         return
-    log.error("thread %s ended on an unexpected condition: %s: %s",
-              getattr(args.thread, "name", "?"), args.exc_type.__name__, args.exc_value)
+    log.error(
+        "thread %s ended on an unexpected condition: %s: %s",
+        getattr(args.thread, "name", "?"),
+        args.exc_type.__name__,
+        args.exc_value,
+    )
 
 
 class OneLine(logging.Filter):
@@ -554,12 +601,20 @@ def _do_action_guarded(orig: Callable[[Any, str], None]) -> Callable[[Any, str],
 
     @functools.wraps(orig)
     def do_action(self: Any, event: str) -> None:
-        if (event, self.current_state) not in TRANSITION_TABLE and event in _LOCAL_EVENTS \
-                and self.current_state in _ENDED_STATES:
-            log.debug("association with %s: %s dropped, the connection is %s", peer_of(self.dul), event,
-                      "closing" if self.current_state == "Sta13" else "gone")
+        if (
+            (event, self.current_state) not in TRANSITION_TABLE
+            and event in _LOCAL_EVENTS
+            and self.current_state in _ENDED_STATES
+        ):
+            log.debug(
+                "association with %s: %s dropped, the connection is %s",
+                peer_of(self.dul),
+                event,
+                "closing" if self.current_state == "Sta13" else "gone",
+            )
             return
         orig(self, event)
+
     return do_action
 
 
@@ -570,13 +625,21 @@ def guard_pynetdicom(limits: Limits) -> bool:
     if _applied:
         return True
     if pynetdicom.__version__ != GUARDED_VERSION:
-        log.error("pynetdicom %s is not the guarded version %s: PDU sizes are NOT bounded; install the pinned "
-                  "version", pynetdicom.__version__, GUARDED_VERSION)
+        log.error(
+            "pynetdicom %s is not the guarded version %s: PDU sizes are NOT bounded; install the pinned version",
+            pynetdicom.__version__,
+            GUARDED_VERSION,
+        )
         return False
     changed = pins.mismatches(pins.GUARD)
     if changed:
-        log.error("pynetdicom %s differs from the source the bounds were written against (%s): PDU sizes are NOT "
-                  "bounded; reinstall pynetdicom==%s", pynetdicom.__version__, ", ".join(changed), GUARDED_VERSION)
+        log.error(
+            "pynetdicom %s differs from the source the bounds were written against (%s): PDU sizes are NOT "
+            "bounded; reinstall pynetdicom==%s",
+            pynetdicom.__version__,
+            ", ".join(changed),
+            GUARDED_VERSION,
+        )
         return False
     from pynetdicom import fsm as _fsm
 
@@ -602,5 +665,12 @@ def wait_readable(sock: socket.socket, seconds: float) -> bool:
         return True
 
 
-__all__ = ["Limits", "ProtocolViolation", "SpilledDataset", "guard_pynetdicom", "end_connection",
-           "on_connection_end", "threading"]
+__all__ = [
+    "Limits",
+    "ProtocolViolation",
+    "SpilledDataset",
+    "guard_pynetdicom",
+    "end_connection",
+    "on_connection_end",
+    "threading",
+]

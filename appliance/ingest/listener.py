@@ -38,12 +38,18 @@ def run_listener(config: Config, sock: socket.socket, slots: AssociationSlots, s
     store = Store.open(config.storage.data_dir)
     alive = hold_processes_lock(store.data_dir)  # noqa: F841 (held until this process exits)
     d = config.dicom
-    guard_pynetdicom(Limits(
-        max_pdu=d.max_pdu_size, max_association_pdu=d.max_association_pdu, network_timeout=d.network_timeout,
-        acse_timeout=d.acse_timeout, memory_instance_bytes=d.memory_instance_bytes,
-        max_instance_bytes=d.max_instance_bytes, spill_dir=str(store.spool.incoming),
-        on_violation=lambda kind: store.index.count("ingest_protocol_errors", kind),
-    ))
+    guard_pynetdicom(
+        Limits(
+            max_pdu=d.max_pdu_size,
+            max_association_pdu=d.max_association_pdu,
+            network_timeout=d.network_timeout,
+            acse_timeout=d.acse_timeout,
+            memory_instance_bytes=d.memory_instance_bytes,
+            max_instance_bytes=d.max_instance_bytes,
+            spill_dir=str(store.spool.incoming),
+            on_violation=lambda kind: store.index.count("ingest_protocol_errors", kind),
+        )
+    )
     tune_pynetdicom()
     quiet_pydicom_validation()
     receiver = Receiver(store, config.storage.min_free_bytes, on_duplicate=config.storage.on_duplicate)

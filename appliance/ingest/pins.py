@@ -27,12 +27,20 @@ PINNED: dict[str, str] = {
 }
 
 #: What each patch set replaces or relies on.
-GUARD = ("pynetdicom.dul:DULServiceProvider._read_pdu_data", "pynetdicom.dul:DULServiceProvider.run_reactor",
-         "pynetdicom.association:Association.run_reactor", "pynetdicom.fsm:StateMachine.do_action",
-         "pynetdicom.dimse_messages:DIMSEMessage.decode_msg")
-TUNING = ("pynetdicom.dul:DULServiceProvider.__init__", "pynetdicom.dul:DULServiceProvider.send_pdu",
-          "pynetdicom.dul:DULServiceProvider.run_reactor", "pynetdicom.association:Association._run_reactor",
-          "pynetdicom.dimse:DIMSEServiceProvider.send_msg")
+GUARD = (
+    "pynetdicom.dul:DULServiceProvider._read_pdu_data",
+    "pynetdicom.dul:DULServiceProvider.run_reactor",
+    "pynetdicom.association:Association.run_reactor",
+    "pynetdicom.fsm:StateMachine.do_action",
+    "pynetdicom.dimse_messages:DIMSEMessage.decode_msg",
+)
+TUNING = (
+    "pynetdicom.dul:DULServiceProvider.__init__",
+    "pynetdicom.dul:DULServiceProvider.send_pdu",
+    "pynetdicom.dul:DULServiceProvider.run_reactor",
+    "pynetdicom.association:Association._run_reactor",
+    "pynetdicom.dimse:DIMSEServiceProvider.send_msg",
+)
 
 
 def resolve(name: str) -> Any:

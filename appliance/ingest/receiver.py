@@ -34,7 +34,12 @@ IMPLEMENTATION_CLASS_UID = "2.25.147839217442103914553826917716049210111"
 
 _DEFER_BYTES = 4096
 _HEADER_TAGS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "PatientID",
     "SeriesDescription",
 )
 
@@ -46,7 +51,7 @@ class UnreadableDatasetError(ValueError):
 #: Inflated bytes of a Deflated data set kept in memory for parsing; beyond, they go to a temporary file.
 INFLATE_IN_MEMORY = 8 * 1024 * 1024
 #: Default bound on what a Deflated data set may inflate to (``[dicom] max_instance_bytes``).
-DEFAULT_MAX_INFLATED = 4 * 1024 ** 3
+DEFAULT_MAX_INFLATED = 4 * 1024**3
 #: Output per zlib call, and compressed input fed per call. Small on purpose: each call returns a new
 #: bytes object and copies the input it did not consume, and megabyte-sized ones made glibc map and
 #: unmap memory on every call in a threaded listener (20 s instead of 2 s for a 1 GiB bomb).
@@ -68,7 +73,7 @@ def _deflated_chunks(dataset: bytes | memoryview | SpilledDataset) -> Iterator[b
     else:
         view = memoryview(dataset)
         for i in range(0, len(view), _INFLATE_INPUT):
-            yield bytes(view[i:i + _INFLATE_INPUT])
+            yield bytes(view[i : i + _INFLATE_INPUT])
 
 
 def inflate_bounded(chunks: Iterator[bytes], limit: int, spill_dir: str | None) -> tuple[BinaryIO, int]:
@@ -134,8 +139,12 @@ def inflate_bounded(chunks: Iterator[bytes], limit: int, spill_dir: str | None) 
     return out, total
 
 
-def parse_header(dataset: bytes | memoryview | SpilledDataset, transfer_syntax: str,
-                 max_inflated: int = DEFAULT_MAX_INFLATED, spill_dir: str | None = None) -> dict[str, Any]:
+def parse_header(
+    dataset: bytes | memoryview | SpilledDataset,
+    transfer_syntax: str,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
+    spill_dir: str | None = None,
+) -> dict[str, Any]:
     """Walk every element of ``dataset`` (pixel values are not decoded) and return the header values
     ingest needs; raise :class:`UnreadableDatasetError` for anything pydicom cannot parse.
 
@@ -173,7 +182,8 @@ def _walk(stream: BinaryIO, end: int, ts: UID, expect_implicit: bool) -> dict[st
     for elem in elements:
         if getattr(elem, "is_implicit_VR", expect_implicit) != expect_implicit:
             raise UnreadableDatasetError(
-                f"element {elem.tag} is not encoded as {ts.name} says (explicit/implicit VR mix-up)")
+                f"element {elem.tag} is not encoded as {ts.name} says (explicit/implicit VR mix-up)"
+            )
         tag = int(elem.tag)
         if tag <= last:
             raise UnreadableDatasetError(f"element {elem.tag} is out of order: not a well-formed dataset")
@@ -184,7 +194,8 @@ def _walk(stream: BinaryIO, end: int, ts: UID, expect_implicit: bool) -> dict[st
         have = len(value) if value is not None else end - getattr(tail, "value_tell", 0)
         if have < length:
             raise UnreadableDatasetError(
-                f"dataset is truncated: element {tail.tag} has {max(have, 0)} of its {length} bytes")
+                f"dataset is truncated: element {tail.tag} has {max(have, 0)} of its {length} bytes"
+            )
     try:
         return {k: ds.get(k) for k in _HEADER_TAGS}
     except Exception as exc:
@@ -281,8 +292,9 @@ class Receiver:
                 self._discard_unindexed(sop_uid, relpath)
                 raise
             if not added:  # another association indexed it meanwhile; our copy is at relpath
-                return self._resent(values, uids, str(transfer_syntax), meta, dataset, calling_ae, association_id,
-                                    written=True)
+                return self._resent(
+                    values, uids, str(transfer_syntax), meta, dataset, calling_ae, association_id, written=True
+                )
         except sqlite3.OperationalError as exc:
             log.exception("indexing %s failed", sop_uid)
             if "full" in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
@@ -314,9 +326,17 @@ class Receiver:
 
     # -- a SOP Instance UID that is stored already ------------------------------------------------------
 
-    def _resent(self, values: dict[str, Any], uids: HeaderUIDs, transfer_syntax: str, meta: bytes,
-                dataset: bytes | memoryview | SpilledDataset, calling_ae: str, association_id: str | None,
-                written: bool = False) -> Outcome:
+    def _resent(
+        self,
+        values: dict[str, Any],
+        uids: HeaderUIDs,
+        transfer_syntax: str,
+        meta: bytes,
+        dataset: bytes | memoryview | SpilledDataset,
+        calling_ae: str,
+        association_id: str | None,
+        written: bool = False,
+    ) -> Outcome:
         """A duplicate when the content is the stored copy's; else a conflict, kept or replaced (``on_duplicate``).
 
         Content is the data set exactly as received, compared with the stored file's after its file meta
@@ -331,37 +351,47 @@ class Receiver:
         row = index.instance(uids.sop_instance)
         if row is None:  # purged or moved meanwhile: an ordinary new instance after all
             return self._replace(rec, meta, dataset, calling_ae, association_id, in_place=written)
-        same = (row["transfer_syntax"] == transfer_syntax
-                and _stored_dataset_is(f"{spool.root}/{row['path']}", dataset))
+        same = row["transfer_syntax"] == transfer_syntax and _stored_dataset_is(f"{spool.root}/{row['path']}", dataset)
         if same and (not written or row["size"] == rec.size):
             index.count("ingest_duplicate_instances")
             log.debug("duplicate instance %s from %s: already stored, answered Success", uids.sop_instance, calling_ae)
             return Outcome(StoreStatus.SUCCESS, "duplicate", duplicate=True)
         peer = index.association_peer(association_id)
         who = f"{calling_ae.strip()} ({peer})" if peer else calling_ae.strip()
-        what = (f"instance {uids.sop_instance} re-sent by {who} with content different from the stored copy "
-                f"({dataset_length(dataset)} data set bytes in {transfer_syntax}; stored: {row['size']} bytes "
-                f"in {row['transfer_syntax']}, series {row['series_uid']})")
+        what = (
+            f"instance {uids.sop_instance} re-sent by {who} with content different from the stored copy "
+            f"({dataset_length(dataset)} data set bytes in {transfer_syntax}; stored: {row['size']} bytes "
+            f"in {row['transfer_syntax']}, series {row['series_uid']})"
+        )
         if written and row["path"] == relpath and same:
             # Two different copies arrived at once and ours is the one on disk: the row must describe it.
-            log.warning("%s: two copies arrived at the same time; the later one is kept and series %s re-opened",
-                        what, uids.series)
+            log.warning(
+                "%s: two copies arrived at the same time; the later one is kept and series %s re-opened",
+                what,
+                uids.series,
+            )
             index.count("ingest_conflicting_instances", "replaced")
             return self._replace(rec, meta, dataset, calling_ae, association_id, in_place=True)
         if self.on_duplicate == "replace":
-            log.warning("%s: replaced it ([storage] on_duplicate = \"replace\"); series %s re-opened",
-                        what, uids.series)
+            log.warning('%s: replaced it ([storage] on_duplicate = "replace"); series %s re-opened', what, uids.series)
             index.count("ingest_conflicting_instances", "replaced")
             in_place = written and row["path"] != relpath  # ours is at its own path, not over the stored file
             return self._replace(rec, meta, dataset, calling_ae, association_id, in_place=in_place)
-        log.warning("%s: kept the stored copy and answered Success ([storage] on_duplicate = \"keep\")", what)
+        log.warning('%s: kept the stored copy and answered Success ([storage] on_duplicate = "keep")', what)
         index.count("ingest_conflicting_instances", "kept")
         if written and row["path"] != relpath:
             spool.remove(relpath)  # our copy went to a path of its own: it must not stay unindexed
         return Outcome(StoreStatus.SUCCESS, "conflicting duplicate: stored copy kept", duplicate=True)
 
-    def _replace(self, rec: InstanceRecord, meta: bytes, dataset: bytes | memoryview | SpilledDataset,
-                 calling_ae: str, association_id: str | None, in_place: bool) -> Outcome:
+    def _replace(
+        self,
+        rec: InstanceRecord,
+        meta: bytes,
+        dataset: bytes | memoryview | SpilledDataset,
+        calling_ae: str,
+        association_id: str | None,
+        in_place: bool,
+    ) -> Outcome:
         """Make ``dataset`` the stored copy of its instance and re-open the series.
 
         The new file is made durable first (staged), then the row changes (and the series re-opens), then
@@ -376,8 +406,11 @@ class Receiver:
         if not in_place:
             free = spool.free_bytes()
             if free - rec.size < self.min_free_bytes:
-                return self._refuse(StoreStatus.OUT_OF_RESOURCES, f"only {free} bytes free on the data filesystem, "
-                                    f"reserve is {self.min_free_bytes}", calling_ae)
+                return self._refuse(
+                    StoreStatus.OUT_OF_RESOURCES,
+                    f"only {free} bytes free on the data filesystem, reserve is {self.min_free_bytes}",
+                    calling_ae,
+                )
             if isinstance(dataset, SpilledDataset):
                 dataset.finish()
                 staged = dataset.path
@@ -422,13 +455,21 @@ def checked_uids(values: dict[str, Any]) -> HeaderUIDs:
     )
 
 
-def instance_record(values: dict[str, Any], uids: HeaderUIDs, transfer_syntax: str, relpath: str,
-                    size: int) -> InstanceRecord:
+def instance_record(
+    values: dict[str, Any], uids: HeaderUIDs, transfer_syntax: str, relpath: str, size: int
+) -> InstanceRecord:
     """The index row for a stored instance, from :func:`parse_header`'s values and checked UIDs."""
     return InstanceRecord(
-        sop_instance_uid=uids.sop_instance, sop_class_uid=uids.sop_class, study_uid=uids.study, series_uid=uids.series,
-        transfer_syntax=transfer_syntax, path=relpath, size=size, patient_id=_text(values["PatientID"]),
-        modality=_text(values["Modality"]), description=_text(values["SeriesDescription"]),
+        sop_instance_uid=uids.sop_instance,
+        sop_class_uid=uids.sop_class,
+        study_uid=uids.study,
+        series_uid=uids.series,
+        transfer_syntax=transfer_syntax,
+        path=relpath,
+        size=size,
+        patient_id=_text(values["PatientID"]),
+        modality=_text(values["Modality"]),
+        description=_text(values["SeriesDescription"]),
     )
 
 
@@ -475,7 +516,7 @@ def _dataset_chunks(dataset: bytes | memoryview | SpilledDataset) -> Iterator[by
     else:
         view = memoryview(dataset).cast("B")
         for i in range(0, len(view), _COMPARE_STEP):
-            yield view[i:i + _COMPARE_STEP]
+            yield view[i : i + _COMPARE_STEP]
 
 
 def _text(value: object) -> str | None:
@@ -500,18 +541,23 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_a
     pydicom's validating Dataset cost ~1 ms an instance, a third of our own per-instance time.
     UIDs are written as given; the receiver validates them before anything reaches the disk.
     """
+
     def ui(v: str) -> bytes:
         return str(v).rstrip("\x00 ").encode("ascii", "replace")
 
-    body = b"".join((
-        _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
-        _element(0x0002, b"UI", ui(sop_class), b"\x00"),
-        _element(0x0003, b"UI", ui(sop_instance), b"\x00"),
-        _element(0x0010, b"UI", ui(transfer_syntax), b"\x00"),
-        _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
-        _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
-        _element(0x0016, b"AE", calling_ae.strip()[:16].encode("ascii", "replace"), b" ") if calling_ae.strip() else b"",
-    ))
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+            _element(0x0002, b"UI", ui(sop_class), b"\x00"),
+            _element(0x0003, b"UI", ui(sop_instance), b"\x00"),
+            _element(0x0010, b"UI", ui(transfer_syntax), b"\x00"),
+            _element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+            _element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
+            _element(0x0016, b"AE", calling_ae.strip()[:16].encode("ascii", "replace"), b" ")
+            if calling_ae.strip()
+            else b"",
+        )
+    )
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 

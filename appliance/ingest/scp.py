@@ -34,7 +34,9 @@ log = logging.getLogger("appliance.ingest")
 #: pynetdicom accepts, per proposed context, the first syntax of *this* list the sender offered. Explicit
 #: VR Little Endian first: it keeps each element's VR (private tags included) and every SCU can send
 #: it; pydicom's own order starts with Implicit VR, which made storescu convert Explicit VR files.
-ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian]
+ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [
+    ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian
+]
 
 
 class AssociationSlots(Protocol):
@@ -103,9 +105,13 @@ class SharedSocketServer(ThreadedAssociationServer):
         if self.max_connections and live_acceptors() >= self.max_connections:
             now = time.monotonic()
             if now - self._last_refusal_log > 10.0:  # one line per flood, not one per connection
-                log.warning("connection from %s closed: this listener already serves %d connections "
-                            "(max_associations + %d negotiating)", client_address[0], self.max_connections,
-                            PENDING_CONNECTIONS)
+                log.warning(
+                    "connection from %s closed: this listener already serves %d connections "
+                    "(max_associations + %d negotiating)",
+                    client_address[0],
+                    self.max_connections,
+                    PENDING_CONNECTIONS,
+                )
                 self._last_refusal_log = now
             self.shutdown_request(request)
             return
@@ -137,8 +143,9 @@ def live_acceptors() -> int:
 class Ingest:
     """Binds a :class:`Receiver` to pynetdicom events for one listener process."""
 
-    def __init__(self, config: Config, receiver: Receiver, slots: AssociationSlots | None = None,
-                 slot: int = 0) -> None:
+    def __init__(
+        self, config: Config, receiver: Receiver, slots: AssociationSlots | None = None, slot: int = 0
+    ) -> None:
         self.config = config
         self.receiver = receiver
         self.slots = slots
@@ -181,8 +188,11 @@ class Ingest:
         ]
 
     def make_server(self, ae: AE, sock: socket.socket) -> SharedSocketServer:
-        server_class = type("ListenerServer", (SharedSocketServer,), {
-            "inherited_socket": sock, "max_connections": self.config.dicom.max_associations + PENDING_CONNECTIONS})
+        server_class = type(
+            "ListenerServer",
+            (SharedSocketServer,),
+            {"inherited_socket": sock, "max_connections": self.config.dicom.max_associations + PENDING_CONNECTIONS},
+        )
         server = ae.make_server(sock.getsockname()[:2], evt_handlers=self.handlers(), server_class=server_class)
         assert isinstance(server, SharedSocketServer)
         return server
@@ -207,8 +217,11 @@ class Ingest:
         host = assoc.requestor.address
         if self._allowed and not any(ae == calling and (h is None or h == host) for ae, h in self._allowed):
             known_ae = any(ae == calling for ae, _ in self._allowed)
-            why = f"host {host} is not allowed for AE title {calling!r}" if known_ae else \
-                f"calling AE title {calling!r} is not in allowed_callers"
+            why = (
+                f"host {host} is not allowed for AE title {calling!r}"
+                if known_ae
+                else f"calling AE title {calling!r} is not in allowed_callers"
+            )
             log.warning("association from %s:%s rejected: %s", host, assoc.requestor.port, why)
             self.receiver.store.index.count("ingest_rejected_associations", "calling_ae_not_allowed")
             self._reject(assoc, REJECT_CALLING_AE_NOT_RECOGNIZED)
@@ -221,8 +234,12 @@ class Ingest:
                     self.slots[self.slot] += 1
                     full = False
             if full:
-                log.warning("association from %s (%s) rejected: max_associations=%d already open",
-                            calling, host, self.config.dicom.max_associations)
+                log.warning(
+                    "association from %s (%s) rejected: max_associations=%d already open",
+                    calling,
+                    host,
+                    self.config.dicom.max_associations,
+                )
                 self.receiver.store.index.count("ingest_rejected_associations", "local_limit_exceeded")
                 self._reject(assoc, REJECT_LOCAL_LIMIT_EXCEEDED)
                 return
@@ -249,8 +266,14 @@ class Ingest:
                     index.close_association(aid, "aborted")
             except Exception:
                 log.exception("could not record association %s", aid)
-        log.info("association %s from %s (%s:%s) established%s", aid[:8], req.ae_title.strip(), req.address,
-                 req.port, ", but its connection had already ended (aborted)" if ended else "")
+        log.info(
+            "association %s from %s (%s:%s) established%s",
+            aid[:8],
+            req.ae_title.strip(),
+            req.address,
+            req.port,
+            ", but its connection had already ended (aborted)" if ended else "",
+        )
 
     def _finish(self, event: evt.Event, outcome: str) -> None:
         self._finish_assoc(event.assoc, outcome)
@@ -302,8 +325,13 @@ class Ingest:
         stream = req.DataSet
         with self._lock:
             aid = self._ids.get(id(event.assoc))
-        args = (str(event.context.transfer_syntax), str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
-                event.assoc.requestor.ae_title, aid)
+        args = (
+            str(event.context.transfer_syntax),
+            str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID),
+            event.assoc.requestor.ae_title,
+            aid,
+        )
         if isinstance(stream, SpilledDataset):  # too large for memory: it arrived into a file
             try:
                 outcome = self.receiver.store_instance(stream, *args)
@@ -311,7 +339,7 @@ class Ingest:
                 stream.discard()  # gone already if it was stored (renamed into the spool)
         else:
             # A view, not a copy, of the received bytes; released before pynetdicom closes the stream.
-            with (stream.getbuffer() if stream is not None else memoryview(b"")) as data:
+            with stream.getbuffer() if stream is not None else memoryview(b"") as data:
                 outcome = self.receiver.store_instance(data, *args)
         if outcome.status == StoreStatus.SUCCESS:
             return 0x0000

@@ -124,14 +124,16 @@ def encode_store_success(sop_class_uid: str, sop_instance_uid: str, message_id: 
     Every instance gets one; pynetdicom builds it through pydicom datasets at ~1 ms of CPU each,
     a quarter of a listener's Python time. The bytes are the same (tested against pynetdicom).
     """
-    body = b"".join((
-        _implicit(0x0002, _uid_value(sop_class_uid)),
-        _implicit(0x0100, struct.pack("<H", 0x8001)),       # Command Field: C-STORE-RSP
-        _implicit(0x0120, struct.pack("<H", message_id)),   # Message ID Being Responded To
-        _implicit(0x0800, struct.pack("<H", 0x0101)),       # Command Data Set Type: no data set
-        _implicit(0x0900, struct.pack("<H", 0x0000)),       # Status: Success
-        _implicit(0x1000, _uid_value(sop_instance_uid)),
-    ))
+    body = b"".join(
+        (
+            _implicit(0x0002, _uid_value(sop_class_uid)),
+            _implicit(0x0100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+            _implicit(0x0120, struct.pack("<H", message_id)),  # Message ID Being Responded To
+            _implicit(0x0800, struct.pack("<H", 0x0101)),  # Command Data Set Type: no data set
+            _implicit(0x0900, struct.pack("<H", 0x0000)),  # Status: Success
+            _implicit(0x1000, _uid_value(sop_instance_uid)),
+        )
+    )
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
 
 
@@ -157,17 +159,28 @@ def tune_pynetdicom() -> bool:
         log.info("pynetdicom tuning disabled by APPLIANCE_PYNETDICOM_TUNING=0")
         return False
     if pynetdicom.__version__ != TUNED_VERSION:
-        log.warning("pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
-                    pynetdicom.__version__, TUNED_VERSION)
+        log.warning(
+            "pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
+            pynetdicom.__version__,
+            TUNED_VERSION,
+        )
         return False
     changed = pins.mismatches(pins.TUNING)
     if changed:
-        log.warning("pynetdicom %s differs from the source the tuning was written against (%s): running it "
-                    "unmodified (slower ingest)", pynetdicom.__version__, ", ".join(changed))
+        log.warning(
+            "pynetdicom %s differs from the source the tuning was written against (%s): running it "
+            "unmodified (slower ingest)",
+            pynetdicom.__version__,
+            ", ".join(changed),
+        )
         return False
     global _REACTOR_LOOPS
-    _REACTOR_LOOPS = frozenset({inspect.unwrap(_dul.DULServiceProvider.run_reactor).__code__,
-                                inspect.unwrap(_association.Association._run_reactor).__code__})
+    _REACTOR_LOOPS = frozenset(
+        {
+            inspect.unwrap(_dul.DULServiceProvider.run_reactor).__code__,
+            inspect.unwrap(_association.Association._run_reactor).__code__,
+        }
+    )
 
     orig_send_msg = _dimse.DIMSEServiceProvider.send_msg
 
@@ -183,8 +196,11 @@ def tune_pynetdicom() -> bool:
             and primitive.OffendingElement is None
             and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
         ):
-            command = encode_store_success(str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID),
-                                           primitive.MessageIDBeingRespondedTo)
+            command = encode_store_success(
+                str(primitive.AffectedSOPClassUID),
+                str(primitive.AffectedSOPInstanceUID),
+                primitive.MessageIDBeingRespondedTo,
+            )
             max_pdu = self.maximum_pdu_size
             if not max_pdu or len(command) + 1 + 6 <= max_pdu:
                 pdata = P_DATA()

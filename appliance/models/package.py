@@ -79,15 +79,24 @@ class ModelPackage:
     @property
     def input_spec(self) -> InputSpec:
         i, n = self.manifest.input, self.manifest.normalisation
-        return InputSpec(channels=i.channels, spacing_mm=i.spacing_mm, size_multiple=i.size_multiple,
-                         min_size=i.min_size, max_size=i.max_size, window=n.window)
+        return InputSpec(
+            channels=i.channels,
+            spacing_mm=i.spacing_mm,
+            size_multiple=i.size_multiple,
+            min_size=i.min_size,
+            max_size=i.max_size,
+            window=n.window,
+        )
 
     @property
     def profile(self) -> tuple[Shape, Shape, Shape]:
         """(min, opt, max) input shapes (N, C, H, W): TensorRT's optimisation profile."""
         i = self.manifest.input
-        return ((1, i.channels, *i.min_size), (i.opt_batch, i.channels, *i.opt_size),
-                (i.max_batch, i.channels, *i.max_size))
+        return (
+            (1, i.channels, *i.min_size),
+            (i.opt_batch, i.channels, *i.opt_size),
+            (i.max_batch, i.channels, *i.max_size),
+        )
 
 
 def _describe(err: ValidationError) -> str:
@@ -122,8 +131,10 @@ def load_package(path: Path, *, verify: bool = True) -> ModelPackage:
             got = sha256_file(f)
             digests[fname] = got
             if verify and got != want:
-                raise ModelPackageError(f"{where}: {fname} does not match its checksum (SHA-256 {got[:12]}..., "
-                                        f"manifest says {want[:12]}...): the file is damaged or was changed")
+                raise ModelPackageError(
+                    f"{where}: {fname} does not match its checksum (SHA-256 {got[:12]}..., "
+                    f"manifest says {want[:12]}...): the file is damaged or was changed"
+                )
     return ModelPackage(path=path, manifest=manifest, onnx_sha256=digests[MODEL_FILE])
 
 
@@ -131,8 +142,9 @@ def installed_package(models_dir: Path, name: str) -> ModelPackage:
     """The package ``name`` from ``models_dir``, checked; a clear error when it is not installed."""
     path = Path(models_dir) / name
     if not path.is_dir():
-        raise ModelPackageError(f"no model package {name!r} in {Path(models_dir)}: not installed "
-                                "(see `appliance models list`)")
+        raise ModelPackageError(
+            f"no model package {name!r} in {Path(models_dir)}: not installed (see `appliance models list`)"
+        )
     return load_package(path)
 
 

@@ -75,8 +75,13 @@ def _write(out_dir: Path, filename: str, kind: Literal["SEG", "SR", "SC"], ds: D
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return ResultObject(kind=kind, filename=filename, sop_class_uid=str(ds.SOPClassUID),
-                        sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID))
+    return ResultObject(
+        kind=kind,
+        filename=filename,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+    )
 
 
 def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) -> list[ResultObject]:
@@ -108,8 +113,11 @@ def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) ->
         if listing_path.exists():
             listing_path.unlink()
             fsync_dir(out_dir)
-        objects = [_write(out_dir, SEG_FILE, "SEG", seg), _write(out_dir, SR_FILE, "SR", sr),
-                   _write(out_dir, SC_FILE, "SC", sc)]
+        objects = [
+            _write(out_dir, SEG_FILE, "SEG", seg),
+            _write(out_dir, SR_FILE, "SR", sr),
+            _write(out_dir, SC_FILE, "SC", sc),
+        ]
         write_previews(key.rgb, out_dir)
         # Last: its presence says every object it lists is complete.
         listing = json.dumps([asdict(o) for o in objects], indent=2) + "\n"
@@ -118,6 +126,10 @@ def build_results(result: SeriesResult, package: ModelPackage, out_dir: Path) ->
     except OSError as exc:
         raise ResultsError(f"cannot write the results into {out_dir}: {exc} (disk full or read-only?)") from exc
     timings["write"] = time.perf_counter() - t
-    log.info("series %s: results %s (%s)", volume.series_uid, ", ".join(o.filename for o in objects),
-             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    log.info(
+        "series %s: results %s (%s)",
+        volume.series_uid,
+        ", ".join(o.filename for o in objects),
+        ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+    )
     return objects

@@ -47,9 +47,16 @@ def new_object(series_number: int) -> dict[str, Any]:
 
     One place for them, so SEG, SR and SC can never disagree on who made them.
     """
-    return dict(series_instance_uid=new_uid(), series_number=series_number, sop_instance_uid=new_uid(),
-                instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER_MODEL_NAME,
-                software_versions=SOFTWARE_VERSION, device_serial_number=device_serial())
+    return dict(
+        series_instance_uid=new_uid(),
+        series_number=series_number,
+        sop_instance_uid=new_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        software_versions=SOFTWARE_VERSION,
+        device_serial_number=device_serial(),
+    )
 
 
 def new_uid() -> str:

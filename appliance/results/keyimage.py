@@ -30,8 +30,13 @@ from appliance.results.seg import check_source, conformant
 WINDOW_WIDTH, WINDOW_LEVEL = 400.0, 40.0
 #: Outline thickness in pixels: one pixel disappears when a viewer scales a 512 image down.
 OUTLINE_PX = 2
-ORGAN_COLOURS: tuple[tuple[int, int, int], ...] = ((0, 220, 0), (0, 200, 255), (255, 140, 0), (80, 120, 255),
-                                                   (200, 80, 255))
+ORGAN_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 220, 0),
+    (0, 200, 255),
+    (255, 140, 0),
+    (80, 120, 255),
+    (200, 80, 255),
+)
 LESION_COLOURS: tuple[tuple[int, int, int], ...] = ((255, 0, 0), (255, 255, 0), (255, 0, 255))
 CAPTION_WARNING = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 
@@ -62,8 +67,11 @@ def label_colours(package: ModelPackage) -> dict[int, tuple[int, int, int]]:
 def lesions_inside(package: ModelPackage, organ_value: int) -> list[int]:
     """Lesion label values whose anatomic region is the organ ``organ_value`` (as ``measure`` counts them)."""
     organ = next(lab for lab in package.labels if lab.value == organ_value)
-    return [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY
-            and lab.region is not None and lab.region.code == organ.type.code]
+    return [
+        lab.value
+        for lab in package.labels
+        if lab.category.code == LESION_CATEGORY and lab.region is not None and lab.region.code == organ.type.code
+    ]
 
 
 def key_slice(labels: np.ndarray | LabelMap, package: ModelPackage) -> int:
@@ -90,8 +98,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=OUTLINE_PX)
 
 
-def _caption_lines(package: ModelPackage, measured: Measurements, colours: dict[int, tuple[int, int, int]],
-                   index: int, slices: int) -> list[tuple[str, tuple[int, int, int]]]:
+def _caption_lines(
+    package: ModelPackage, measured: Measurements, colours: dict[int, tuple[int, int, int]], index: int, slices: int
+) -> list[tuple[str, tuple[int, int, int]]]:
     white = (255, 255, 255)
     lines = [(CAPTION_WARNING, (255, 255, 0)), (f"Model {package.name} {package.version}", white)]
     for organ in measured.organs:
@@ -101,8 +110,10 @@ def _caption_lines(package: ModelPackage, measured: Measurements, colours: dict[
     if lesion_labels:
         colour = colours[lesion_labels[0].value]
         if measured.lesion_count:
-            text = (f"Lesions: {measured.lesion_count}, largest {measured.largest_diameter_mm:.1f} mm, "
-                    f"total {measured.total_lesion_volume_ml:.1f} ml")
+            text = (
+                f"Lesions: {measured.lesion_count}, largest {measured.largest_diameter_mm:.1f} mm, "
+                f"total {measured.total_lesion_volume_ml:.1f} ml"
+            )
             lines.append((text, colour))
         else:
             lines.append(("Lesions: none detected", colour))
@@ -110,8 +121,9 @@ def _caption_lines(package: ModelPackage, measured: Measurements, colours: dict[
     return lines
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-          width: int) -> list[str]:
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> list[str]:
     out: list[str] = []
     line = ""
     for word in text.split(" "):
@@ -138,8 +150,13 @@ def _caption_band(lines: list[tuple[str, tuple[int, int, int]]], cols: int) -> n
     return np.asarray(band, dtype=np.uint8)
 
 
-def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage, measured: Measurements,
-                     index: int | None = None) -> KeyImage:
+def render_key_image(
+    volume: Volume,
+    labels: np.ndarray | LabelMap,
+    package: ModelPackage,
+    measured: Measurements,
+    index: int | None = None,
+) -> KeyImage:
     """The key image's RGB pixels (slice ``index``, by default ``key_slice``): what the SC and PNGs show."""
     if index is None:
         index = key_slice(labels, package)
@@ -164,12 +181,45 @@ def render_key_image(volume: Volume, labels: np.ndarray | LabelMap, package: Mod
 #: BodyPartExamined defined terms (PS3.16 Annex L) of unpaired regions, checked one by one with dciodvfy:
 #: with one of these an SC must not carry Laterality; with a paired or an unrecognised term (Siemens'
 #: "PARTIALBODY", KIDNEY, LUNG) it must.
-UNPAIRED_BODY_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS", "PELVIS", "HEAD", "HEADNECK", "NECK",
-    "BRAIN", "SKULL", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "CTSPINE", "TLSPINE", "LSSPINE", "COCCYX",
-    "LIVER", "PANCREAS", "SPLEEN", "STOMACH", "HEART", "AORTA", "BLADDER", "PROSTATE", "UTERUS", "COLON", "RECTUM",
-    "ESOPHAGUS", "GALLBLADDER", "DUODENUM", "WHOLEBODY",
-})
+UNPAIRED_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "PELVIS",
+        "HEAD",
+        "HEADNECK",
+        "NECK",
+        "BRAIN",
+        "SKULL",
+        "SPINE",
+        "CSPINE",
+        "TSPINE",
+        "LSPINE",
+        "SSPINE",
+        "CTSPINE",
+        "TLSPINE",
+        "LSSPINE",
+        "COCCYX",
+        "LIVER",
+        "PANCREAS",
+        "SPLEEN",
+        "STOMACH",
+        "HEART",
+        "AORTA",
+        "BLADDER",
+        "PROSTATE",
+        "UTERUS",
+        "COLON",
+        "RECTUM",
+        "ESOPHAGUS",
+        "GALLBLADDER",
+        "DUODENUM",
+        "WHOLEBODY",
+    }
+)
 
 
 def set_laterality(sc: Dataset, ref: Dataset) -> None:

@@ -34,30 +34,46 @@ def coded(code: Code) -> hd.sr.CodedConcept:
 
 def algorithm_identification(package: ModelPackage) -> hd.AlgorithmIdentificationSequence:
     """The model as SEG's AlgorithmIdentificationSequence: name and version are what a reader asks for."""
-    return hd.AlgorithmIdentificationSequence(name=identity.lo(package.name), version=identity.lo(package.version),
-                                              family=codes.DCM.ArtificialIntelligence)
+    return hd.AlgorithmIdentificationSequence(
+        name=identity.lo(package.name), version=identity.lo(package.version), family=codes.DCM.ArtificialIntelligence
+    )
 
 
 def check_source(volume: Volume, labels: np.ndarray | LabelMap, what: str) -> None:
     """Refuse, with a reason, a volume whose slice headers or shape do not match the label map."""
     if not volume.headers:
-        raise ResultsError(f"cannot make the {what}: the decoded series carries no slice headers "
-                           "(decoded by an older appliance version?); run the job again")
+        raise ResultsError(
+            f"cannot make the {what}: the decoded series carries no slice headers "
+            "(decoded by an older appliance version?); run the job again"
+        )
     if len(volume.headers) != labels.shape[0] or tuple(labels.shape) != volume.shape:
-        raise ResultsError(f"cannot make the {what}: the label map has shape {tuple(labels.shape)} but the series "
-                           f"{volume.series_uid} has {len(volume.headers)} slices of {volume.shape[1:]} pixels")
+        raise ResultsError(
+            f"cannot make the {what}: the label map has shape {tuple(labels.shape)} but the series "
+            f"{volume.series_uid} has {len(volume.headers)} slices of {volume.shape[1:]} pixels"
+        )
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         empty = sum(1 for h in volume.headers if not h.get(keyword))
         if empty:
-            raise ResultsError(f"cannot make the {what}: {empty} of {len(volume.headers)} slices of series "
-                               f"{volume.series_uid or '(no UID)'} have no {keyword}, so results cannot reference "
-                               "them; the series was damaged or badly anonymised before it was sent")
+            raise ResultsError(
+                f"cannot make the {what}: {empty} of {len(volume.headers)} slices of series "
+                f"{volume.series_uid or '(no UID)'} have no {keyword}, so results cannot reference "
+                "them; the series was damaged or badly anonymised before it was sent"
+            )
 
 
 #: Type 2 attributes of the Patient and General Study modules that highdicom copies from the source and
 #: reads unconditionally: a conformant image has them (perhaps empty); some anonymisers drop them.
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 def conformant(ds: Dataset) -> Dataset:
@@ -77,8 +93,10 @@ def conformant(ds: Dataset) -> Dataset:
         meta = getattr(ds, "file_meta", None)
         sop_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
         if not sop_class:
-            raise ResultsError(f"instance {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')} "
-                               "has no SOPClassUID: result objects cannot reference it; fix the sender")
+            raise ResultsError(
+                f"instance {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')} "
+                "has no SOPClassUID: result objects cannot reference it; fix the sender"
+            )
         del fixed.SOPClassUID  # only from the copy's dict: assigning would change the shared element
         fixed.SOPClassUID = sop_class
     return fixed
@@ -118,7 +136,8 @@ def _as_if_given_all(seg: hd.seg.Segmentation, sources: list[Dataset]) -> None:
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     spacing, _ = get_volume_positions(
         image_positions=[[float(v) for v in s.ImagePositionPatient] for s in sources],
-        image_orientation=[float(v) for v in orientation])
+        image_orientation=[float(v) for v in orientation],
+    )
     if spacing is not None:
         measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     elif "SpacingBetweenSlices" in measures:
@@ -144,8 +163,9 @@ def _as_if_given_all(seg: hd.seg.Segmentation, sources: list[Dataset]) -> None:
     seg._build_luts()
 
 
-def make_seg(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage,
-             sources: list[Dataset] | None = None) -> hd.seg.Segmentation:
+def make_seg(
+    volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackage, sources: list[Dataset] | None = None
+) -> hd.seg.Segmentation:
     """A BINARY SEG of ``labels`` (slices in ``volume.headers`` order) with one segment per manifest label.
 
     ``sources`` is ``source_headers(volume)`` when the caller already made it (the SR needs the same list).
@@ -157,42 +177,54 @@ def make_seg(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackag
     check_source(volume, labels, "segmentation (SEG)")
     missing = [i for i, h in enumerate(volume.headers) if not h.get("FrameOfReferenceUID")]
     if missing:
-        raise ResultsError(f"series {volume.series_uid} has no FrameOfReferenceUID (slice {missing[0] + 1} and "
-                           f"{len(missing) - 1} more): a DICOM SEG cannot reference it; the scanner or a "
-                           "router removed it, fix the export from the modality")
+        raise ResultsError(
+            f"series {volume.series_uid} has no FrameOfReferenceUID (slice {missing[0] + 1} and "
+            f"{len(missing) - 1} more): a DICOM SEG cannot reference it; the scanner or a "
+            "router removed it, fix the export from the modality"
+        )
     algorithm = algorithm_identification(package)
     descriptions = []
     for number, lab in enumerate(package.labels, start=1):
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=identity.lo(lab.name),
-            segmented_property_category=coded(lab.category),
-            segmented_property_type=coded(lab.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=identity.new_uid(),
-            tracking_id=identity.lo(lab.name),
-            anatomic_regions=[coded(lab.region)] if lab.region is not None else None,
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=identity.lo(lab.name),
+                segmented_property_category=coded(lab.category),
+                segmented_property_type=coded(lab.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=identity.new_uid(),
+                tracking_id=identity.lo(lab.name),
+                anatomic_regions=[coded(lab.region)] if lab.region is not None else None,
+            )
+        )
     sources = sources if sources is not None else source_headers(volume)
     lm = as_labelmap(labels)
     present = lm.nonempty()
-    common: dict[str, Any] = dict(segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-                  **identity.new_object(identity.SEG_SERIES_NUMBER), content_label="AI_SEGMENTATION",
-                  content_description=identity.lo(f"AI {package.name} {package.version}, not for diagnosis"),
-                  series_description=identity.lo(f"AI SEG {package.name} {package.version}"), omit_empty_frames=True)
+    common: dict[str, Any] = dict(
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        **identity.new_object(identity.SEG_SERIES_NUMBER),
+        content_label="AI_SEGMENTATION",
+        content_description=identity.lo(f"AI {package.name} {package.version}, not for diagnosis"),
+        series_description=identity.lo(f"AI SEG {package.name} {package.version}"),
+        omit_empty_frames=True,
+    )
     values = [lab.value for lab in package.labels]
     counts = lm.counts(256)
     unknown = sorted(set(np.flatnonzero(counts).tolist()) - {0, *values})
     # Chunks need every labelled slice to give frames (an unknown value alone would not) and whole bytes a frame.
-    chunked = (present.size > SEG_CHUNK_FRAMES and not unknown and (lm.shape[1] * lm.shape[2]) % 8 == 0)
+    chunked = present.size > SEG_CHUNK_FRAMES and not unknown and (lm.shape[1] * lm.shape[2]) % 8 == 0
     try:
         if not present.size:
             # An all-empty map: highdicom then encodes every (empty) frame; zeros cost no memory until written.
             seg = hd.seg.Segmentation(source_images=sources, pixel_array=np.zeros(lm.shape, dtype=np.uint8), **common)
         elif not chunked:
-            seg = hd.seg.Segmentation(source_images=[sources[int(i)] for i in present],
-                                      pixel_array=segment_map(lm.take(present), package), **common)
+            seg = hd.seg.Segmentation(
+                source_images=[sources[int(i)] for i in present],
+                pixel_array=segment_map(lm.take(present), package),
+                **common,
+            )
         else:
             seg = _chunked_seg(lm, present, sources, package, common)
     except (ValueError, TypeError, AttributeError) as exc:
@@ -207,8 +239,9 @@ def make_seg(volume: Volume, labels: np.ndarray | LabelMap, package: ModelPackag
 SEG_CHUNK_FRAMES = 64
 
 
-def _chunked_seg(lm: LabelMap, present: np.ndarray, sources: list[Dataset], package: ModelPackage,
-                 common: dict[str, Any]) -> hd.seg.Segmentation:
+def _chunked_seg(
+    lm: LabelMap, present: np.ndarray, sources: list[Dataset], package: ModelPackage, common: dict[str, Any]
+) -> hd.seg.Segmentation:
     """The SEG highdicom makes from all of ``present`` at once, made ``SEG_CHUNK_FRAMES`` slices at a time.
 
     highdicom orders frames segment by segment, each segment's frames by position along its normal, and
@@ -220,21 +253,23 @@ def _chunked_seg(lm: LabelMap, present: np.ndarray, sources: list[Dataset], pack
     frame_bytes = lm.shape[1] * lm.shape[2] // 8
     chunks = []
     for a in range(0, present.size, SEG_CHUNK_FRAMES):
-        idx = present[a:a + SEG_CHUNK_FRAMES]
-        part = hd.seg.Segmentation(source_images=[sources[int(i)] for i in idx],
-                                   pixel_array=segment_map(lm.take(idx), package), **common)
+        idx = present[a : a + SEG_CHUNK_FRAMES]
+        part = hd.seg.Segmentation(
+            source_images=[sources[int(i)] for i in idx], pixel_array=segment_map(lm.take(idx), package), **common
+        )
         frames = []
         for k, item in enumerate(part.PerFrameFunctionalGroupsSequence):
             number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            frames.append((number, item, bytes(part.PixelData[k * frame_bytes:(k + 1) * frame_bytes])))
+            frames.append((number, item, bytes(part.PixelData[k * frame_bytes : (k + 1) * frame_bytes])))
         planes = len({tuple(float(v) for v in it.PlanePositionSequence[0].ImagePositionPatient) for _, it, _ in frames})
         chunks.append((part, frames, planes))
         del part.PixelData
     base = chunks[0][0]
     ori = base.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     normal = get_normal_vector(ori, index_convention=VOLUME_INDEX_CONVENTION)
-    first = np.array([[float(v) for v in frames[0][1].PlanePositionSequence[0].ImagePositionPatient]
-                      for _, frames, _ in chunks])
+    first = np.array(
+        [[float(v) for v in frames[0][1].PlanePositionSequence[0].ImagePositionPatient] for _, frames, _ in chunks]
+    )
     order = np.argsort(_get_slice_distances(first, normal), kind="stable")
     offsets = np.zeros(len(chunks), dtype=np.int64)
     total = 0
@@ -262,8 +297,9 @@ def _chunked_seg(lm: LabelMap, present: np.ndarray, sources: list[Dataset], pack
     # (geometric) order; a chunk alone may be regular where the whole is not, or the other way round.
     if len(common["segment_descriptions"]) == 1 and present.size > 1:
         positions = [[float(v) for v in sources[int(i)].ImagePositionPatient] for i in present]
-        spacing, _ = get_volume_positions(image_positions=positions, image_orientation=[float(v) for v in ori],
-                                          sort=False)
+        spacing, _ = get_volume_positions(
+            image_positions=positions, image_orientation=[float(v) for v in ori], sort=False
+        )
         if spacing is not None and spacing > 0.0:
             base.DimensionOrganizationType = "3D"
         elif "DimensionOrganizationType" in base:

@@ -34,8 +34,12 @@ QUANTITY = hd.sr.CodedConcept(value="246205007", scheme_designator="SCT", meanin
 def _procedure(volume: Volume) -> hd.sr.CodedConcept:
     """TID 1500's procedure reported: the LOINC "<modality> unspecified body region" code (CT by default)."""
     modality = str(volume.reference.get("Modality", "CT")).upper()
-    name = {"CT": "CTUnspecifiedBodyRegion", "MR": "MRIUnspecifiedBodyRegion", "PT": "PETUnspecifiedBodyRegion",
-            "NM": "NMUnspecifiedBodyRegion"}.get(modality, "CTUnspecifiedBodyRegion")
+    name = {
+        "CT": "CTUnspecifiedBodyRegion",
+        "MR": "MRIUnspecifiedBodyRegion",
+        "PT": "PETUnspecifiedBodyRegion",
+        "NM": "NMUnspecifiedBodyRegion",
+    }.get(modality, "CTUnspecifiedBodyRegion")
     return getattr(codes.LN, name)
 
 
@@ -48,16 +52,24 @@ def _observer(package: ModelPackage) -> hd.sr.ObservationContext:
         model_name=identity.MANUFACTURER_MODEL_NAME,
         serial_number=identity.device_serial(),
     )
-    return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
 
 
 def _sites(lab: Label) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=coded(lab.region))] if lab.region is not None else None
 
 
-def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
-            package: ModelPackage, sources: list[Dataset] | None = None) -> hd.sr.Comprehensive3DSR:
+def make_sr(
+    volume: Volume,
+    measured: Measurements,
+    seg: hd.seg.Segmentation,
+    package: ModelPackage,
+    sources: list[Dataset] | None = None,
+) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report of ``measured`` (from ``measure``) whose ROIs are the segments of ``seg``.
 
     ``sources`` is ``source_headers(volume)`` when the caller already made it for the SEG.
@@ -65,8 +77,10 @@ def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
     labels = package.labels
     segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
     if sorted(segments) != list(range(1, len(labels) + 1)):
-        raise ResultsError(f"cannot make the SR: the SEG has segments {sorted(segments)} but model {package.name} "
-                           f"has {len(labels)} labels")
+        raise ResultsError(
+            f"cannot make the SR: the SEG has segments {sorted(segments)} but model {package.name} "
+            f"has {len(labels)} labels"
+        )
     number_of = {lab.value: n for n, lab in enumerate(labels, start=1)}
     by_value = {lab.value: lab for lab in labels}
     label_ml = {lv.value: lv.volume_ml for lv in measured.labels}
@@ -75,8 +89,12 @@ def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
 
     def segment_ref(value: int) -> hd.sr.ReferencedSegment:
         # Built directly: ReferencedSegment.from_segmentation() fails on single-segment and empty segments.
-        return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                                       segment_number=number_of[value], source_series=source_series)
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number_of[value],
+            source_series=source_series,
+        )
 
     # The algorithm is named once per measurement group (TID 1411/1501), not again on every measurement.
     def volume_ml(value: float) -> hd.sr.Measurement:
@@ -85,22 +103,27 @@ def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
     groups: list[Any] = []
     for lab in labels:
         if lab.value not in label_ml:
-            raise ResultsError(f"cannot make the SR: the measurement summary has no volume for label "
-                               f"{lab.value} ({lab.name})")
+            raise ResultsError(
+                f"cannot make the SR: the measurement summary has no volume for label {lab.value} ({lab.name})"
+            )
         measurements = [volume_ml(label_ml[lab.value])]
         if lab.category.code == LESION_CATEGORY:
             count = sum(1 for les in measured.lesions if les.label == lab.value)
             measurements.append(hd.sr.Measurement(name=QUANTITY, value=count, unit=UNIT_LESIONS))
         item = segments[number_of[lab.value]]
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=identity.lo(lab.name)),
-            referenced_segment=segment_ref(lab.value),
-            finding_type=coded(lab.type),
-            finding_category=coded(lab.category),
-            finding_sites=_sites(lab),
-            algorithm_id=algorithm,
-            measurements=measurements,
-        ))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=str(item.TrackingUID), identifier=identity.lo(lab.name)
+                ),
+                referenced_segment=segment_ref(lab.value),
+                finding_type=coded(lab.type),
+                finding_category=coded(lab.category),
+                finding_sites=_sites(lab),
+                algorithm_id=algorithm,
+                measurements=measurements,
+            )
+        )
 
     # An organ's volume with the lesions inside it (what a clinician calls the liver volume) is no single
     # segment: it is reported as a measurement group of the organ without an image region.
@@ -109,36 +132,48 @@ def make_sr(volume: Volume, measured: Measurements, seg: hd.seg.Segmentation,
         if len(parts) < 2 or parts[0] not in by_value:
             continue
         lab = by_value[parts[0]]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(),
-                                                         identifier=identity.lo(f"{organ.name} including lesions")),
-            finding_type=coded(lab.type),
-            finding_category=coded(lab.category),
-            algorithm_id=algorithm,
-            measurements=[volume_ml(organ.volume_ml)],
-        ))
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=identity.new_uid(), identifier=identity.lo(f"{organ.name} including lesions")
+                ),
+                finding_type=coded(lab.type),
+                finding_category=coded(lab.category),
+                algorithm_id=algorithm,
+                measurements=[volume_ml(organ.volume_ml)],
+            )
+        )
 
     for les in measured.lesions:
         found = by_value.get(les.label)
         if found is None:
-            raise ResultsError(f"cannot make the SR: lesion {les.index} has label {les.label}, "
-                               f"which model {package.name} does not define")
+            raise ResultsError(
+                f"cannot make the SR: lesion {les.index} has label {les.label}, "
+                f"which model {package.name} does not define"
+            )
         lab = found
         diameter = hd.sr.Measurement(
-            name=codes.SCT.LongAxis, value=les.longest_axial_diameter_mm, unit=UNIT_MM,
-            referenced_images=[hd.sr.SourceImageForMeasurement(
-                referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
-                referenced_sop_instance_uid=les.slice_sop_instance_uid)],
+            name=codes.SCT.LongAxis,
+            value=les.longest_axial_diameter_mm,
+            unit=UNIT_MM,
+            referenced_images=[
+                hd.sr.SourceImageForMeasurement(
+                    referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
+                    referenced_sop_instance_uid=les.slice_sop_instance_uid,
+                )
+            ],
         )
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {les.index}"),
-            referenced_segment=segment_ref(lab.value),
-            finding_type=coded(lab.type),
-            finding_category=coded(lab.category),
-            finding_sites=_sites(lab),
-            algorithm_id=algorithm,
-            measurements=[volume_ml(les.volume_ml), diameter],
-        ))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {les.index}"),
+                referenced_segment=segment_ref(lab.value),
+                finding_type=coded(lab.type),
+                finding_category=coded(lab.category),
+                finding_sites=_sites(lab),
+                algorithm_id=algorithm,
+                measurements=[volume_ml(les.volume_ml), diameter],
+            )
+        )
 
     try:
         report = hd.sr.MeasurementReport(

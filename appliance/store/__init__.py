@@ -15,7 +15,13 @@ from appliance.store.perms import DIR_MODE, create_private_file
 from appliance.store.spool import DiskFullError, Spool, check_uid
 
 __all__ = [
-    "RESULTS_DIR", "DiskFullError", "Index", "InstanceRecord", "Spool", "Store", "check_uid",
+    "RESULTS_DIR",
+    "DiskFullError",
+    "Index",
+    "InstanceRecord",
+    "Spool",
+    "Store",
+    "check_uid",
 ]
 
 INDEX_NAME = "index.sqlite3"

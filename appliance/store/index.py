@@ -40,11 +40,15 @@ class InstanceRecord:
 
 def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000,
-                               isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            f"file:{db_path}?mode=ro",
+            uri=True,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
     else:
-        conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
@@ -132,9 +136,7 @@ class Index:
     # -- ingest -------------------------------------------------------------------------------------
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        row = self.conn.execute(
-            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        ).fetchone()
+        row = self.conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return row is not None
 
     def add_instance(self, rec: InstanceRecord, association_id: str | None, now: float | None = None) -> bool:
@@ -153,8 +155,17 @@ class Index:
                 "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
                 " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(sop_instance_uid) DO NOTHING",
-                (rec.sop_instance_uid, rec.sop_class_uid, rec.series_uid, rec.study_uid, rec.transfer_syntax,
-                 rec.path, rec.size, now, association_id),
+                (
+                    rec.sop_instance_uid,
+                    rec.sop_class_uid,
+                    rec.series_uid,
+                    rec.study_uid,
+                    rec.transfer_syntax,
+                    rec.path,
+                    rec.size,
+                    now,
+                    association_id,
+                ),
             )
             if cur.rowcount == 0:
                 # Lost a race with the same instance on another association: undo the series touch.
@@ -184,8 +195,9 @@ class Index:
         row = self.conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return dict(row) if row is not None else None
 
-    def replace_instance(self, rec: InstanceRecord, association_id: str | None,
-                         now: float | None = None) -> dict[str, Any] | None:
+    def replace_instance(
+        self, rec: InstanceRecord, association_id: str | None, now: float | None = None
+    ) -> dict[str, Any] | None:
         """Point an instance's row at a re-sent, different copy, and re-open its series like a late instance.
 
         One transaction: the old copy leaves its series' counts, the new one enters (the same series, or
@@ -198,15 +210,20 @@ class Index:
         now = time.time() if now is None else now
         reason = f"instance {rec.sop_instance_uid} replaced by a different copy: re-opened the series"
         with self.transaction() as conn:
-            old = conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?",
-                               (rec.sop_instance_uid,)).fetchone()
+            old = conn.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)).fetchone()
             if old is not None:
-                conn.execute("UPDATE series SET instances = instances - 1, bytes = max(0, bytes - ?)"
-                             " WHERE series_uid = ?", (old["size"], old["series_uid"]))
+                conn.execute(
+                    "UPDATE series SET instances = instances - 1, bytes = max(0, bytes - ?) WHERE series_uid = ?",
+                    (old["size"], old["series_uid"]),
+                )
                 if old["series_uid"] != rec.series_uid:
                     conn.execute("UPDATE series SET last_received = ? WHERE series_uid = ?", (now, old["series_uid"]))
-                    reopen(conn, old["series_uid"], now,
-                           f"instance {rec.sop_instance_uid} moved to another series: re-opened the series")
+                    reopen(
+                        conn,
+                        old["series_uid"],
+                        now,
+                        f"instance {rec.sop_instance_uid} moved to another series: re-opened the series",
+                    )
             _touch_series(conn, rec, now, reason)
             conn.execute(
                 "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
@@ -215,12 +232,23 @@ class Index:
                 "  series_uid = excluded.series_uid, study_uid = excluded.study_uid,"
                 "  transfer_syntax = excluded.transfer_syntax, path = excluded.path, size = excluded.size,"
                 "  received_at = excluded.received_at, association_id = excluded.association_id",
-                (rec.sop_instance_uid, rec.sop_class_uid, rec.series_uid, rec.study_uid, rec.transfer_syntax,
-                 rec.path, rec.size, now, association_id),
+                (
+                    rec.sop_instance_uid,
+                    rec.sop_class_uid,
+                    rec.series_uid,
+                    rec.study_uid,
+                    rec.transfer_syntax,
+                    rec.path,
+                    rec.size,
+                    now,
+                    association_id,
+                ),
             )
             if association_id is not None:
-                conn.execute("INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)",
-                             (rec.series_uid, association_id))
+                conn.execute(
+                    "INSERT OR IGNORE INTO series_associations(series_uid, association_id) VALUES (?, ?)",
+                    (rec.series_uid, association_id),
+                )
         return dict(old) if old is not None else None
 
     def association_peer(self, association_id: str | None) -> str | None:
@@ -249,8 +277,9 @@ class Index:
         never released, so only the idle rule may complete their series."""
         with self.transaction() as c:
             if listener_pid is None:
-                cur = c.execute("UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL",
-                                (time.time(),))
+                cur = c.execute(
+                    "UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL", (time.time(),)
+                )
             else:
                 cur = c.execute(
                     "UPDATE associations SET outcome = 'lost', closed_at = ? WHERE outcome IS NULL AND listener_pid = ?",
@@ -281,13 +310,15 @@ class Index:
         """
         with self.transaction() as c:
             quiet = [
-                r[0] for r in c.execute(
+                r[0]
+                for r in c.execute(
                     "SELECT series_uid FROM series WHERE state = ? AND last_received <= ?",
                     (SeriesState.RECEIVING, now - stable_seconds),
                 )
             ]
             released = [
-                r[0] for r in c.execute(
+                r[0]
+                for r in c.execute(
                     "SELECT s.series_uid FROM series s"
                     " JOIN series_associations sa ON sa.series_uid = s.series_uid"
                     " JOIN associations a ON a.id = sa.association_id"
@@ -298,8 +329,10 @@ class Index:
                     (SeriesState.RECEIVING, now - stable_seconds, now - grace_seconds),
                 )
             ]
-            for uids, reason in ((quiet, f"no new instance for {stable_seconds:g} s"),
-                                 (released, f"sender released the association {grace_seconds:g} s ago")):
+            for uids, reason in (
+                (quiet, f"no new instance for {stable_seconds:g} s"),
+                (released, f"sender released the association {grace_seconds:g} s ago"),
+            ):
                 for u in uids:
                     move(c, SERIES, SeriesState.COMPLETE, where={"series_uid": u}, reason=reason, changed_at=now)
         return quiet + released
@@ -324,8 +357,10 @@ class Index:
         return {r[0]: r[1] for r in self.conn.execute("SELECT series_uid, instances FROM series")}
 
     def instance_uids(self, series_uid: str) -> set[str]:
-        return {r[0] for r in self.conn.execute(
-            "SELECT sop_instance_uid FROM instances WHERE series_uid = ?", (series_uid,))}
+        return {
+            r[0]
+            for r in self.conn.execute("SELECT sop_instance_uid FROM instances WHERE series_uid = ?", (series_uid,))
+        }
 
     def series_events(self, series_uid: str) -> list[dict[str, Any]]:
         rows = self.conn.execute(
@@ -344,8 +379,18 @@ def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reo
         " ON CONFLICT(series_uid) DO UPDATE SET"
         "  instances = instances + 1, bytes = bytes + excluded.bytes, last_received = excluded.last_received"
         " RETURNING state",
-        (rec.series_uid, rec.study_uid, rec.patient_id, rec.modality, rec.description,
-         SERIES.initial(SeriesState.RECEIVING), rec.size, now, now, now),
+        (
+            rec.series_uid,
+            rec.study_uid,
+            rec.patient_id,
+            rec.modality,
+            rec.description,
+            SERIES.initial(SeriesState.RECEIVING),
+            rec.size,
+            now,
+            now,
+            now,
+        ),
     ).fetchone()[0]
     if state != SeriesState.RECEIVING:
         reopen(conn, rec.series_uid, now, reopen_reason)
@@ -353,8 +398,18 @@ def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reo
 
 def reopen(conn: sqlite3.Connection, series_uid: str, now: float, reason: str) -> bool:
     """A series that had moved on (complete, processed, purging...) receives again: back to ``receiving``."""
-    return move(conn, SERIES, SeriesState.RECEIVING, where={"series_uid": series_uid}, reason=reason,
-                changed_at=now, also={"reopened": Sql("reopened + 1")}) > 0
+    return (
+        move(
+            conn,
+            SERIES,
+            SeriesState.RECEIVING,
+            where={"series_uid": series_uid},
+            reason=reason,
+            changed_at=now,
+            also={"reopened": Sql("reopened + 1")},
+        )
+        > 0
+    )
 
 
 class _Duplicate(Exception):

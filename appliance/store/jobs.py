@@ -39,25 +39,38 @@ def settle_series(c: Any, series_uid: str, now: float) -> None:
     if JobState.QUEUED in states:
         new, reason = SeriesState.QUEUED, "waiting for the worker"
     elif JobState.FAILED in states:
-        failed = c.execute("SELECT model, reason FROM jobs WHERE series_uid = ? AND state = ?",
-                           (series_uid, JobState.FAILED)).fetchall()
+        failed = c.execute(
+            "SELECT model, reason FROM jobs WHERE series_uid = ? AND state = ?", (series_uid, JobState.FAILED)
+        ).fetchall()
         new, reason = SeriesState.FAILED, "; ".join(f"{m}: {r}" for m, r in failed)
     else:
-        counts = dict(c.execute("SELECT state, count(*) FROM outbox WHERE series_uid = ? GROUP BY state",
-                                (series_uid,)).fetchall())
+        counts = dict(
+            c.execute(
+                "SELECT state, count(*) FROM outbox WHERE series_uid = ? GROUP BY state", (series_uid,)
+            ).fetchall()
+        )
         if counts.get(OutboxState.PENDING):
             new, reason = SeriesState.EXPORTING, f"sending {counts[OutboxState.PENDING]} result object(s)"
         elif counts.get(OutboxState.DEAD):
-            last = c.execute("SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = ?"
-                             " ORDER BY id DESC LIMIT 1", (series_uid, OutboxState.DEAD)).fetchone()
-            new, reason = SeriesState.EXPORT_FAILED, (f"{counts[OutboxState.DEAD]} result object(s) not delivered; "
-                                                      f"{last[0]}: {last[1]} (appliance outbox retry)")
+            last = c.execute(
+                "SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (series_uid, OutboxState.DEAD),
+            ).fetchone()
+            new, reason = (
+                SeriesState.EXPORT_FAILED,
+                (
+                    f"{counts[OutboxState.DEAD]} result object(s) not delivered; "
+                    f"{last[0]}: {last[1]} (appliance outbox retry)"
+                ),
+            )
         elif counts.get(OutboxState.SENT):
             new, reason = SeriesState.DONE, f"all models ran; {counts[OutboxState.SENT]} result object(s) delivered"
         else:
             new, reason = SeriesState.DONE, "all models ran (no destination configured)"
-    move(c, SERIES, new, where={"series_uid": series_uid}, reason=reason, changed_at=now, only_from=SETTLED,
-         refresh=True)
+    move(
+        c, SERIES, new, where={"series_uid": series_uid}, reason=reason, changed_at=now, only_from=SETTLED, refresh=True
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,8 @@ class JobQueue:
         """Complete series waiting to be routed, oldest first, with the spool path of one instance."""
         rows = self.index.conn.execute(
             "SELECT s.series_uid, (SELECT path FROM instances i WHERE i.series_uid = s.series_uid LIMIT 1)"
-            " FROM series s WHERE s.state = ? ORDER BY s.state_changed LIMIT ?", (SeriesState.COMPLETE, limit)
+            " FROM series s WHERE s.state = ? ORDER BY s.state_changed LIMIT ?",
+            (SeriesState.COMPLETE, limit),
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
@@ -97,21 +111,54 @@ class JobQueue:
             if state is None or state[0] != SeriesState.COMPLETE:
                 return 0  # re-opened meanwhile: route it when it completes again
             for model, priority, routes, dests in jobs:
-                cols = {"routes": json.dumps(routes), "destinations": json.dumps(dests), "priority": priority,
-                        "queued_at": now}
-                row = c.execute("SELECT id FROM jobs WHERE series_uid = ? AND model = ?", (series_uid, model)).fetchone()
+                cols = {
+                    "routes": json.dumps(routes),
+                    "destinations": json.dumps(dests),
+                    "priority": priority,
+                    "queued_at": now,
+                }
+                row = c.execute(
+                    "SELECT id FROM jobs WHERE series_uid = ? AND model = ?", (series_uid, model)
+                ).fetchone()
                 if row is None:
-                    c.execute("INSERT INTO jobs(series_uid, model, routes, destinations, priority, state, queued_at,"
-                              " reason) VALUES (?, ?, ?, ?, ?, ?, ?, 'routed')",
-                              (series_uid, model, cols["routes"], cols["destinations"], priority,
-                               JOBS.initial(JobState.QUEUED), now))
+                    c.execute(
+                        "INSERT INTO jobs(series_uid, model, routes, destinations, priority, state, queued_at,"
+                        " reason) VALUES (?, ?, ?, ?, ?, ?, ?, 'routed')",
+                        (
+                            series_uid,
+                            model,
+                            cols["routes"],
+                            cols["destinations"],
+                            priority,
+                            JOBS.initial(JobState.QUEUED),
+                            now,
+                        ),
+                    )
                 else:  # processed before: a new generation, so a worker still on the old data cannot finish it
-                    move(c, JOBS, JobState.QUEUED, where={"id": row["id"]}, reason="series changed: processing again",
-                         refresh=True, also={**cols, "generation": Sql("generation + 1"), "attempts": 0,
-                                             "started_at": None, "finished_at": None, "worker_pid": None})
+                    move(
+                        c,
+                        JOBS,
+                        JobState.QUEUED,
+                        where={"id": row["id"]},
+                        reason="series changed: processing again",
+                        refresh=True,
+                        also={
+                            **cols,
+                            "generation": Sql("generation + 1"),
+                            "attempts": 0,
+                            "started_at": None,
+                            "finished_at": None,
+                            "worker_pid": None,
+                        },
+                    )
             # Results of the series as it was before a late instance re-opened it are not sent any more.
-            move(c, OUTBOX, OutboxState.SUPERSEDED, where={"series_uid": series_uid},
-                 reason="series changed; newer results replace these")
+            move(
+                c,
+                OUTBOX,
+                OutboxState.SUPERSEDED,
+                where={"series_uid": series_uid},
+                reason="series changed; newer results replace these",
+            )
             if jobs:
                 reason, new_state = "routed to " + ", ".join(j[0] for j in jobs), SeriesState.QUEUED
             else:
@@ -122,8 +169,15 @@ class JobQueue:
     def mark_series_failed(self, series_uid: str, reason: str) -> None:
         """The router cannot route a complete series (its header is unreadable): a person must look."""
         with self.index.transaction() as c:
-            move(c, SERIES, SeriesState.FAILED, where={"series_uid": series_uid}, reason=reason,
-                 changed_at=time.time(), only_from=[SeriesState.COMPLETE])
+            move(
+                c,
+                SERIES,
+                SeriesState.FAILED,
+                where={"series_uid": series_uid},
+                reason=reason,
+                changed_at=time.time(),
+                only_from=[SeriesState.COMPLETE],
+            )
 
     # -- worker ---------------------------------------------------------------------------------------
 
@@ -139,17 +193,45 @@ class JobQueue:
             ).fetchone()
             if row is None:
                 return None
-            move(c, JOBS, JobState.PROCESSING, where={"id": row["id"]}, reason=f"attempt {row['attempts'] + 1}",
-                 also={"attempts": Sql("attempts + 1"), "started_at": now, "worker_pid": worker_pid})
-            move(c, SERIES, SeriesState.PROCESSING, where={"series_uid": row["series_uid"]},
-                 reason=f"running {row['model']}", changed_at=now)
-        return Job(id=row["id"], series_uid=row["series_uid"], model=row["model"], priority=row["priority"],
-                   generation=row["generation"], attempts=row["attempts"] + 1,
-                   destinations=json.loads(row["destinations"]))
+            move(
+                c,
+                JOBS,
+                JobState.PROCESSING,
+                where={"id": row["id"]},
+                reason=f"attempt {row['attempts'] + 1}",
+                also={"attempts": Sql("attempts + 1"), "started_at": now, "worker_pid": worker_pid},
+            )
+            move(
+                c,
+                SERIES,
+                SeriesState.PROCESSING,
+                where={"series_uid": row["series_uid"]},
+                reason=f"running {row['model']}",
+                changed_at=now,
+            )
+        return Job(
+            id=row["id"],
+            series_uid=row["series_uid"],
+            model=row["model"],
+            priority=row["priority"],
+            generation=row["generation"],
+            attempts=row["attempts"] + 1,
+            destinations=json.loads(row["destinations"]),
+        )
 
-    def finish(self, job: Job, *, ok: bool, reason: str, backend: str | None = None, device: str | None = None,
-               precision: str | None = None, timings: dict[str, float] | None = None,
-               result_dir: str | None = None, objects: list[NewObject] | None = None) -> bool:
+    def finish(
+        self,
+        job: Job,
+        *,
+        ok: bool,
+        reason: str,
+        backend: str | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        timings: dict[str, float] | None = None,
+        result_dir: str | None = None,
+        objects: list[NewObject] | None = None,
+    ) -> bool:
         """Record the outcome; False when the job was re-queued meanwhile (its result is stale).
 
         The job's result objects and their outbox rows (one per destination) are recorded in the same
@@ -157,32 +239,62 @@ class JobQueue:
         """
         now = time.time()
         with self.index.transaction() as c:
-            moved = move(c, JOBS, JobState.DONE if ok else JobState.FAILED, where={"id": job.id, "generation": job.generation},
-                         reason=reason, only_from=[JobState.PROCESSING],
-                         also={"finished_at": now, "backend": backend, "device": device, "precision": precision,
-                               "timings": json.dumps(timings) if timings is not None else None,
-                               "result_dir": result_dir, "worker_pid": None})
+            moved = move(
+                c,
+                JOBS,
+                JobState.DONE if ok else JobState.FAILED,
+                where={"id": job.id, "generation": job.generation},
+                reason=reason,
+                only_from=[JobState.PROCESSING],
+                also={
+                    "finished_at": now,
+                    "backend": backend,
+                    "device": device,
+                    "precision": precision,
+                    "timings": json.dumps(timings) if timings is not None else None,
+                    "result_dir": result_dir,
+                    "worker_pid": None,
+                },
+            )
             if moved == 0:
                 return False
             for obj in objects or []:
                 oid = c.execute(
                     "INSERT INTO result_objects(job_id, generation, series_uid, kind, sop_class_uid,"
                     " sop_instance_uid, result_series_uid, path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.id, job.generation, job.series_uid, obj.kind, obj.sop_class_uid, obj.sop_instance_uid,
-                     obj.result_series_uid, obj.path, now)).lastrowid
+                    (
+                        job.id,
+                        job.generation,
+                        job.series_uid,
+                        obj.kind,
+                        obj.sop_class_uid,
+                        obj.sop_instance_uid,
+                        obj.result_series_uid,
+                        obj.path,
+                        now,
+                    ),
+                ).lastrowid
                 for dest in job.destinations:
-                    c.execute("INSERT INTO outbox(object_id, series_uid, destination, state, next_attempt_at,"
-                              " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                              (oid, job.series_uid, dest, OUTBOX.initial(OutboxState.PENDING), now, now))
+                    c.execute(
+                        "INSERT INTO outbox(object_id, series_uid, destination, state, next_attempt_at,"
+                        " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (oid, job.series_uid, dest, OUTBOX.initial(OutboxState.PENDING), now, now),
+                    )
             settle_series(c, job.series_uid, now)
         return True
 
     def give_back(self, job: Job) -> None:
         """A clean stop mid-job: back to the queue without counting the attempt."""
         with self.index.transaction() as c:
-            move(c, JOBS, JobState.QUEUED, where={"id": job.id, "generation": job.generation},
-                 reason="appliance stopped during the job", only_from=[JobState.PROCESSING],
-                 also={"attempts": Sql("attempts - 1"), "worker_pid": None})
+            move(
+                c,
+                JOBS,
+                JobState.QUEUED,
+                where={"id": job.id, "generation": job.generation},
+                reason="appliance stopped during the job",
+                only_from=[JobState.PROCESSING],
+                also={"attempts": Sql("attempts - 1"), "worker_pid": None},
+            )
             settle_series(c, job.series_uid, time.time())
 
     def recover(self, live_pids: set[int], max_attempts: int) -> tuple[int, int]:
@@ -190,20 +302,33 @@ class JobQueue:
         now = time.time()
         requeued = failed = 0
         with self.index.transaction() as c:
-            rows = c.execute("SELECT id, series_uid, attempts, worker_pid FROM jobs WHERE state = ?",
-                             (JobState.PROCESSING,)).fetchall()
+            rows = c.execute(
+                "SELECT id, series_uid, attempts, worker_pid FROM jobs WHERE state = ?", (JobState.PROCESSING,)
+            ).fetchall()
             for r in rows:
                 if r["worker_pid"] in live_pids:
                     continue
                 if r["attempts"] >= max_attempts:
-                    failed += move(c, JOBS, JobState.FAILED, where={"id": r["id"]}, only_from=[JobState.PROCESSING],
-                                   reason=f"the worker stopped during this job {r['attempts']} times "
-                                          "(crash, kill or out of memory); giving up",
-                                   also={"finished_at": now, "worker_pid": None})
+                    failed += move(
+                        c,
+                        JOBS,
+                        JobState.FAILED,
+                        where={"id": r["id"]},
+                        only_from=[JobState.PROCESSING],
+                        reason=f"the worker stopped during this job {r['attempts']} times "
+                        "(crash, kill or out of memory); giving up",
+                        also={"finished_at": now, "worker_pid": None},
+                    )
                 else:
-                    requeued += move(c, JOBS, JobState.QUEUED, where={"id": r["id"]}, only_from=[JobState.PROCESSING],
-                                     reason=f"worker stopped during attempt {r['attempts']}; retrying",
-                                     also={"worker_pid": None})
+                    requeued += move(
+                        c,
+                        JOBS,
+                        JobState.QUEUED,
+                        where={"id": r["id"]},
+                        only_from=[JobState.PROCESSING],
+                        reason=f"worker stopped during attempt {r['attempts']}; retrying",
+                        also={"worker_pid": None},
+                    )
                 settle_series(c, r["series_uid"], now)
         return requeued, failed
 

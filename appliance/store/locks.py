@@ -56,8 +56,10 @@ def wait_for_previous_run(data_dir: Path, timeout: float = PREVIOUS_RUN_WAIT) ->
         except OSError:
             if time.monotonic() > deadline:
                 f.close()
-                raise StoreError(f"processes of an earlier appliance run on {data_dir} are still alive after "
-                                 f"{timeout:.0f} s (see `fuser {data_dir / PROCESSES_LOCK}`)") from None
+                raise StoreError(
+                    f"processes of an earlier appliance run on {data_dir} are still alive after "
+                    f"{timeout:.0f} s (see `fuser {data_dir / PROCESSES_LOCK}`)"
+                ) from None
             if not warned:
                 log.warning("waiting for processes of the previous run to exit before recovery")
                 warned = True

@@ -54,38 +54,68 @@ class Outbox:
             "SELECT o.id, o.series_uid, o.destination, o.attempts, r.kind, r.sop_class_uid, r.sop_instance_uid,"
             " r.path FROM outbox o JOIN result_objects r ON r.id = o.object_id"
             " WHERE o.state = ? AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.id LIMIT ?",
-            (OutboxState.PENDING, now, limit)).fetchall()
+            (OutboxState.PENDING, now, limit),
+        ).fetchall()
         return [OutboxRow(*tuple(r)) for r in rows]
 
     def next_due_at(self) -> float | None:
-        row = self.index.conn.execute("SELECT min(next_attempt_at) FROM outbox WHERE state = ?",
-                                      (OutboxState.PENDING,)).fetchone()
+        row = self.index.conn.execute(
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = ?", (OutboxState.PENDING,)
+        ).fetchone()
         return row[0]
 
     def record_sent(self, row: OutboxRow, status: str) -> None:
         now = time.time()
         with self.index.transaction() as c:
-            c.execute("INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 1, ?, NULL)",
-                      (row.id, now, status))
-            if move(c, OUTBOX, OutboxState.SENT, where={"id": row.id},
-                    also={"attempts": Sql("attempts + 1"), "sent_at": now, "last_status": status, "last_error": None}):
+            c.execute(
+                "INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 1, ?, NULL)",
+                (row.id, now, status),
+            )
+            if move(
+                c,
+                OUTBOX,
+                OutboxState.SENT,
+                where={"id": row.id},
+                also={"attempts": Sql("attempts + 1"), "sent_at": now, "last_status": status, "last_error": None},
+            ):
                 settle_series(c, row.series_uid, now)
 
-    def record_failure(self, row: OutboxRow, detail: str, status: str | None, *, max_attempts: int,
-                       base: float, cap: float, permanent: bool = False) -> str:
+    def record_failure(
+        self,
+        row: OutboxRow,
+        detail: str,
+        status: str | None,
+        *,
+        max_attempts: int,
+        base: float,
+        cap: float,
+        permanent: bool = False,
+    ) -> str:
         """Count a failed attempt; the row's new state (``pending`` again, or ``dead``)."""
         now = time.time()
         with self.index.transaction() as c:
-            c.execute("INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 0, ?, ?)",
-                      (row.id, now, status, detail))
+            c.execute(
+                "INSERT INTO outbox_attempts(outbox_id, at, ok, status, detail) VALUES (?, ?, 0, ?, ?)",
+                (row.id, now, status, detail),
+            )
             cur = c.execute("SELECT attempts, state FROM outbox WHERE id = ?", (row.id,)).fetchone()
             if cur is None or cur["state"] != OutboxState.PENDING:
                 return OutboxState(cur["state"]) if cur else OutboxState.DEAD
             attempts = cur["attempts"] + 1
             state = OutboxState.DEAD if permanent or attempts >= max_attempts else OutboxState.PENDING
-            move(c, OUTBOX, state, where={"id": row.id}, reason=detail, refresh=True,
-                 also={"attempts": attempts, "next_attempt_at": now + backoff(attempts, base, cap),
-                       "last_status": status})
+            move(
+                c,
+                OUTBOX,
+                state,
+                where={"id": row.id},
+                reason=detail,
+                refresh=True,
+                also={
+                    "attempts": attempts,
+                    "next_attempt_at": now + backoff(attempts, base, cap),
+                    "last_status": status,
+                },
+            )
             settle_series(c, row.series_uid, now)
         return state
 
@@ -99,19 +129,29 @@ class Outbox:
                 rows = c.execute("SELECT id, series_uid FROM outbox WHERE state = ?", (OutboxState.DEAD,)).fetchall()
             else:
                 marks = ",".join("?" * len(ids or []))
-                rows = c.execute(f"SELECT id, series_uid FROM outbox WHERE state = ? AND id IN ({marks})",
-                                 (OutboxState.DEAD, *(ids or []))).fetchall()
+                rows = c.execute(
+                    f"SELECT id, series_uid FROM outbox WHERE state = ? AND id IN ({marks})",
+                    (OutboxState.DEAD, *(ids or [])),
+                ).fetchall()
             for r in rows:
-                move(c, OUTBOX, OutboxState.PENDING, where={"id": r["id"]}, reason="retry requested",
-                     also={"attempts": 0, "next_attempt_at": now})
+                move(
+                    c,
+                    OUTBOX,
+                    OutboxState.PENDING,
+                    where={"id": r["id"]},
+                    reason="retry requested",
+                    also={"attempts": 0, "next_attempt_at": now},
+                )
             for series_uid in {r["series_uid"] for r in rows}:
                 settle_series(c, series_uid, now)
         return len(rows)
 
     def list(self, state: OutboxState | str | None = None, series_uid: str | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT o.id, o.series_uid, o.destination, o.state, o.attempts, o.next_attempt_at, o.created_at,"
-               " o.sent_at, o.last_status, o.last_error, r.kind, r.sop_instance_uid, r.path, j.model"
-               " FROM outbox o JOIN result_objects r ON r.id = o.object_id JOIN jobs j ON j.id = r.job_id")
+        sql = (
+            "SELECT o.id, o.series_uid, o.destination, o.state, o.attempts, o.next_attempt_at, o.created_at,"
+            " o.sent_at, o.last_status, o.last_error, r.kind, r.sop_instance_uid, r.path, j.model"
+            " FROM outbox o JOIN result_objects r ON r.id = o.object_id JOIN jobs j ON j.id = r.job_id"
+        )
         where, args = [], []
         if state:
             where.append("o.state = ?")
@@ -124,5 +164,9 @@ class Outbox:
         return [dict(r) for r in self.index.conn.execute(sql + " ORDER BY o.id", args).fetchall()]
 
     def attempts(self, outbox_id: int) -> builtins.list[dict[str, Any]]:  # ``list`` is a method here
-        return [dict(r) for r in self.index.conn.execute(
-            "SELECT at, ok, status, detail FROM outbox_attempts WHERE outbox_id = ? ORDER BY id", (outbox_id,))]
+        return [
+            dict(r)
+            for r in self.index.conn.execute(
+                "SELECT at, ok, status, detail FROM outbox_attempts WHERE outbox_id = ? ORDER BY id", (outbox_id,)
+            )
+        ]

@@ -25,9 +25,14 @@ class PurgeLedger:
     def due(self, cutoff: float, limit: int = 100) -> list[str]:
         """Series finished before ``cutoff``, and any a crash left ``purging``, oldest first."""
         marks = ",".join("?" * len(PURGEABLE))
-        return [r[0] for r in self.index.conn.execute(
-            f"SELECT series_uid FROM series WHERE (state IN ({marks}) AND state_changed <= ?) OR state = ?"
-            " ORDER BY state_changed LIMIT ?", (*sorted(PURGEABLE), cutoff, SeriesState.PURGING, limit))]
+        return [
+            r[0]
+            for r in self.index.conn.execute(
+                f"SELECT series_uid FROM series WHERE (state IN ({marks}) AND state_changed <= ?) OR state = ?"
+                " ORDER BY state_changed LIMIT ?",
+                (*sorted(PURGEABLE), cutoff, SeriesState.PURGING, limit),
+            )
+        ]
 
     def begin(self, series_uid: str, cutoff: float, now: float) -> bool:
         """Mark a due series ``purging`` (a crash leaves it so; the next pass finishes); False if not due."""
@@ -39,11 +44,22 @@ class PurgeLedger:
                 return True
             if row["state_changed"] > cutoff:
                 return False
-            return move(c, SERIES, SeriesState.PURGING, where={"series_uid": series_uid}, only_from=PURGEABLE,
-                        reason="retention period over: deleting files", changed_at=now) > 0
+            return (
+                move(
+                    c,
+                    SERIES,
+                    SeriesState.PURGING,
+                    where={"series_uid": series_uid},
+                    only_from=PURGEABLE,
+                    reason="retention period over: deleting files",
+                    changed_at=now,
+                )
+                > 0
+            )
 
-    def delete_batch(self, series_uid: str, unlink: Callable[[str], int],
-                     batch: int = PURGE_BATCH) -> tuple[int, int] | None:
+    def delete_batch(
+        self, series_uid: str, unlink: Callable[[str], int], batch: int = PURGE_BATCH
+    ) -> tuple[int, int] | None:
         """Up to ``batch`` instances: ``unlink(path)`` each (bytes freed), then their rows and counts.
 
         All in one transaction that first checks the series is still ``purging``; None when it is not.
@@ -51,12 +67,15 @@ class PurgeLedger:
         with self.index.transaction() as c:
             if _state(c, series_uid) != SeriesState.PURGING:
                 return None
-            rows = c.execute("SELECT sop_instance_uid, path, size FROM instances WHERE series_uid = ? LIMIT ?",
-                             (series_uid, batch)).fetchall()
+            rows = c.execute(
+                "SELECT sop_instance_uid, path, size FROM instances WHERE series_uid = ? LIMIT ?", (series_uid, batch)
+            ).fetchall()
             freed = sum(unlink(r["path"]) for r in rows)
             c.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [(r["sop_instance_uid"],) for r in rows])
-            c.execute("UPDATE series SET instances = max(0, instances - ?), bytes = max(0, bytes - ?)"
-                      " WHERE series_uid = ?", (len(rows), sum(int(r["size"]) for r in rows), series_uid))
+            c.execute(
+                "UPDATE series SET instances = max(0, instances - ?), bytes = max(0, bytes - ?) WHERE series_uid = ?",
+                (len(rows), sum(int(r["size"]) for r in rows), series_uid),
+            )
         return len(rows), freed
 
     def finish(self, series_uid: str, deleted: int, delete_results: Callable[[], int], now: float) -> int | None:
@@ -66,8 +85,14 @@ class PurgeLedger:
             if _state(c, series_uid) != SeriesState.PURGING:
                 return None
             freed = delete_results()
-            move(c, SERIES, SeriesState.PURGED, where={"series_uid": series_uid}, changed_at=now,
-                 reason=f"retention period over: {deleted} instance(s) and results deleted")
+            move(
+                c,
+                SERIES,
+                SeriesState.PURGED,
+                where={"series_uid": series_uid},
+                changed_at=now,
+                reason=f"retention period over: {deleted} instance(s) and results deleted",
+            )
         return freed
 
 

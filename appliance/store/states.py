@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # JetPack 6 ships Python 3.10
+
     class StrEnum(str, Enum):
         """``enum.StrEnum`` of Python 3.11: members are their values, as strings and in SQL."""
 
@@ -105,47 +106,61 @@ def _rule(sources: Iterable[S | None], target: S, by: str) -> Rule[S]:
 
 _Se = SeriesState
 #: States a series settles between as its jobs run and their results are delivered.
-SETTLED: frozenset[SeriesState] = frozenset({_Se.QUEUED, _Se.PROCESSING, _Se.EXPORTING, _Se.EXPORT_FAILED,
-                                             _Se.DONE})
+SETTLED: frozenset[SeriesState] = frozenset({_Se.QUEUED, _Se.PROCESSING, _Se.EXPORTING, _Se.EXPORT_FAILED, _Se.DONE})
 #: Series whose work is over: retention may purge them.
 PURGEABLE: frozenset[SeriesState] = frozenset({_Se.DONE, _Se.NO_MODEL})
 
-SERIES: Machine[SeriesState] = Machine("series", SeriesState, (
-    _rule([None], _Se.RECEIVING, "ingest: first instance"),
-    _rule([s for s in SeriesState if s != _Se.RECEIVING], _Se.RECEIVING, "ingest: a late or replaced instance"),
-    _rule([_Se.RECEIVING], _Se.COMPLETE, "assembler: quiet, or every sender released"),
-    _rule([_Se.COMPLETE], _Se.QUEUED, "router: a rule matched"),
-    _rule([_Se.COMPLETE], _Se.NO_MODEL, "router: no rule matched"),
-    _rule([_Se.COMPLETE], _Se.FAILED, "router: the header cannot be read"),
-    _rule([_Se.QUEUED], _Se.PROCESSING, "worker: a job started"),
-    _rule(SETTLED, _Se.QUEUED, "jobs: another job waits"),
-    _rule(SETTLED, _Se.EXPORTING, "jobs and outbox: results wait for their destinations"),
-    _rule(SETTLED, _Se.EXPORT_FAILED, "outbox: a result is a dead letter"),
-    _rule(SETTLED, _Se.DONE, "jobs and outbox: every job ran, every result delivered"),
-    _rule(SETTLED, _Se.FAILED, "jobs: a job failed"),
-    _rule(PURGEABLE, _Se.PURGING, "retention: the retention period is over"),
-    _rule([_Se.PURGING], _Se.PURGED, "retention: files deleted"),
-))
+SERIES: Machine[SeriesState] = Machine(
+    "series",
+    SeriesState,
+    (
+        _rule([None], _Se.RECEIVING, "ingest: first instance"),
+        _rule([s for s in SeriesState if s != _Se.RECEIVING], _Se.RECEIVING, "ingest: a late or replaced instance"),
+        _rule([_Se.RECEIVING], _Se.COMPLETE, "assembler: quiet, or every sender released"),
+        _rule([_Se.COMPLETE], _Se.QUEUED, "router: a rule matched"),
+        _rule([_Se.COMPLETE], _Se.NO_MODEL, "router: no rule matched"),
+        _rule([_Se.COMPLETE], _Se.FAILED, "router: the header cannot be read"),
+        _rule([_Se.QUEUED], _Se.PROCESSING, "worker: a job started"),
+        _rule(SETTLED, _Se.QUEUED, "jobs: another job waits"),
+        _rule(SETTLED, _Se.EXPORTING, "jobs and outbox: results wait for their destinations"),
+        _rule(SETTLED, _Se.EXPORT_FAILED, "outbox: a result is a dead letter"),
+        _rule(SETTLED, _Se.DONE, "jobs and outbox: every job ran, every result delivered"),
+        _rule(SETTLED, _Se.FAILED, "jobs: a job failed"),
+        _rule(PURGEABLE, _Se.PURGING, "retention: the retention period is over"),
+        _rule([_Se.PURGING], _Se.PURGED, "retention: files deleted"),
+    ),
+)
 
 _J = JobState
-JOBS: Machine[JobState] = Machine("jobs", JobState, (
-    _rule([None], _J.QUEUED, "router"),
-    _rule([_J.QUEUED, _J.DONE, _J.FAILED, _J.PROCESSING], _J.QUEUED,
-          "router: the series changed, processing again (new generation)"),
-    _rule([_J.QUEUED], _J.PROCESSING, "worker: claimed"),
-    _rule([_J.PROCESSING], _J.DONE, "worker: results made"),
-    _rule([_J.PROCESSING], _J.FAILED, "worker: failed, or the worker died on it max_attempts times"),
-    _rule([_J.PROCESSING], _J.QUEUED, "worker stopped or died during the job: retry"),
-))
+JOBS: Machine[JobState] = Machine(
+    "jobs",
+    JobState,
+    (
+        _rule([None], _J.QUEUED, "router"),
+        _rule(
+            [_J.QUEUED, _J.DONE, _J.FAILED, _J.PROCESSING],
+            _J.QUEUED,
+            "router: the series changed, processing again (new generation)",
+        ),
+        _rule([_J.QUEUED], _J.PROCESSING, "worker: claimed"),
+        _rule([_J.PROCESSING], _J.DONE, "worker: results made"),
+        _rule([_J.PROCESSING], _J.FAILED, "worker: failed, or the worker died on it max_attempts times"),
+        _rule([_J.PROCESSING], _J.QUEUED, "worker stopped or died during the job: retry"),
+    ),
+)
 
 _O = OutboxState
-OUTBOX: Machine[OutboxState] = Machine("outbox", OutboxState, (
-    _rule([None], _O.PENDING, "worker: job done"),
-    _rule([_O.PENDING], _O.SENT, "sender: the destination answered Success"),
-    _rule([_O.PENDING], _O.DEAD, "sender: max_attempts failed, or a permanent refusal"),
-    _rule([_O.DEAD], _O.PENDING, "operator: appliance outbox retry"),
-    _rule([_O.PENDING, _O.DEAD], _O.SUPERSEDED, "router: the series changed, newer results replace these"),
-))
+OUTBOX: Machine[OutboxState] = Machine(
+    "outbox",
+    OutboxState,
+    (
+        _rule([None], _O.PENDING, "worker: job done"),
+        _rule([_O.PENDING], _O.SENT, "sender: the destination answered Success"),
+        _rule([_O.PENDING], _O.DEAD, "sender: max_attempts failed, or a permanent refusal"),
+        _rule([_O.DEAD], _O.PENDING, "operator: appliance outbox retry"),
+        _rule([_O.PENDING, _O.DEAD], _O.SUPERSEDED, "router: the series changed, newer results replace these"),
+    ),
+)
 
 MACHINES: dict[str, Machine] = {m.table: m for m in (SERIES, JOBS, OUTBOX)}
 
@@ -160,9 +175,18 @@ class Sql:
     text: str
 
 
-def move(c: sqlite3.Connection, machine: Machine[S], target: S, *, where: Mapping[str, object],
-         reason: str | None = None, only_from: Iterable[S] | None = None, changed_at: float | None = None,
-         also: Mapping[str, object] | None = None, refresh: bool = False) -> int:
+def move(
+    c: sqlite3.Connection,
+    machine: Machine[S],
+    target: S,
+    *,
+    where: Mapping[str, object],
+    reason: str | None = None,
+    only_from: Iterable[S] | None = None,
+    changed_at: float | None = None,
+    also: Mapping[str, object] | None = None,
+    refresh: bool = False,
+) -> int:
     """Move the rows of ``machine.table`` matching ``where`` to ``target``; returns how many moved.
 
     Only rows whose current state may make the move (narrowed to ``only_from`` if given) are touched.
@@ -179,8 +203,10 @@ def move(c: sqlite3.Connection, machine: Machine[S], target: S, *, where: Mappin
     if refresh:
         sources.add(target)
     if not sources:
-        raise InvalidTransition(f"no {machine.table} state may move to {target!r}"
-                                + (f" from {sorted(only_from)}" if only_from is not None else ""))
+        raise InvalidTransition(
+            f"no {machine.table} state may move to {target!r}"
+            + (f" from {sorted(only_from)}" if only_from is not None else "")
+        )
     sets: list[str] = ["state = ?"]
     args: list[object] = [str(target)]
     if reason is not None:
@@ -207,5 +233,19 @@ def move(c: sqlite3.Connection, machine: Machine[S], target: S, *, where: Mappin
     return c.execute(sql, args).rowcount
 
 
-__all__ = ["InvalidTransition", "JOBS", "JobState", "MACHINES", "Machine", "OUTBOX", "OutboxState", "PURGEABLE",
-           "Rule", "SERIES", "SETTLED", "SeriesState", "Sql", "move"]
+__all__ = [
+    "InvalidTransition",
+    "JOBS",
+    "JobState",
+    "MACHINES",
+    "Machine",
+    "OUTBOX",
+    "OutboxState",
+    "PURGEABLE",
+    "Rule",
+    "SERIES",
+    "SETTLED",
+    "SeriesState",
+    "Sql",
+    "move",
+]

@@ -37,8 +37,13 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(package: ModelPackage, backend: str = "auto", precision: str = "fp16",
-                 engines_dir: Path | None = None, threads: int = 0) -> Backend:
+def open_backend(
+    package: ModelPackage,
+    backend: str = "auto",
+    precision: str = "fp16",
+    engines_dir: Path | None = None,
+    threads: int = 0,
+) -> Backend:
     """Open ``package`` on the configured backend; ``auto`` falls back to ONNX Runtime and logs why."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown inference backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -57,8 +62,11 @@ def open_backend(package: ModelPackage, backend: str = "auto", precision: str = 
             if backend == "tensorrt":
                 raise
             # A GPU is here but TensorRT rejects this model: keep serving on the CPU, loudly.
-            log.error("TensorRT cannot build an engine for %s (%s); running it on ONNX Runtime (CPU) instead",
-                      package.name, exc)
+            log.error(
+                "TensorRT cannot build an engine for %s (%s); running it on ONNX Runtime (CPU) instead",
+                package.name,
+                exc,
+            )
     from appliance.infer.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(package, threads=threads)

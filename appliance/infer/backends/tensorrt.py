@@ -80,8 +80,10 @@ def _import_pycuda() -> Any:
     try:
         import pycuda.driver as cuda
     except Exception as exc:  # ImportError, or OSError/RuntimeError from a missing libcuda
-        raise BackendUnavailable(f"pycuda is not usable ({type(exc).__name__}: {exc}); the TensorRT backend needs "
-                                 "it for device memory and streams (pip install pycuda builds it against CUDA)") from None
+        raise BackendUnavailable(
+            f"pycuda is not usable ({type(exc).__name__}: {exc}); the TensorRT backend needs "
+            "it for device memory and streams (pip install pycuda builds it against CUDA)"
+        ) from None
     return cuda
 
 
@@ -95,8 +97,9 @@ def _np_dtype(trt: ModuleType, dt: Any) -> np.dtype:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, package: ModelPackage, precision: str = "fp16", engines_dir: Path | None = None,
-                 *, device_index: int = 0) -> None:
+    def __init__(
+        self, package: ModelPackage, precision: str = "fp16", engines_dir: Path | None = None, *, device_index: int = 0
+    ) -> None:
         _check_precision(precision)
         self.precision = precision
         self.package = package
@@ -130,8 +133,15 @@ class TensorRTBackend:
         except BaseException:
             self.close()
             raise
-        log.info("TensorRT backend: %s %s on %s, %s, plan %s (%s)", package.name, package.version, self.device,
-                 precision, self.plan_path.name, "built now" if self.built_now else "cached")
+        log.info(
+            "TensorRT backend: %s %s on %s, %s, plan %s (%s)",
+            package.name,
+            package.version,
+            self.device,
+            precision,
+            self.plan_path.name,
+            "built now" if self.built_now else "cached",
+        )
 
     # -- setup --------------------------------------------------------------------------------------
 
@@ -144,12 +154,16 @@ class TensorRTBackend:
                 raise BackendUnavailable(
                     f"{fl.name} {fl.version} cannot load the plan on {gpu.name} (compute capability {gpu.cc}"
                     + (f"; TensorRT-RTX plans target {_RTX_DEFAULT_TARGETS} by default" if fl.is_rtx else "")
-                    + "): " + (" | ".join(self._logger.errors[-4:]) or "no reason given"))
+                    + "): "
+                    + (" | ".join(self._logger.errors[-4:]) or "no reason given")
+                )
             self._runtime_cache: tuple[Any, Any] | None = None  # (TensorRT runtime config, its cache)
             self._context = self._create_context()
             if self._context is None:
-                raise BackendUnavailable(f"{fl.name}: cannot create an execution context on {gpu.name}: "
-                                         + " | ".join(self._logger.errors[-4:]))
+                raise BackendUnavailable(
+                    f"{fl.name}: cannot create an execution context on {gpu.name}: "
+                    + " | ".join(self._logger.errors[-4:])
+                )
             self._setup_io()
             self._stream = cuda.Stream()
 
@@ -197,10 +211,13 @@ class TensorRTBackend:
         self._inputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if self._inputs != [pkg.input_name] or pkg.output_name not in self._outputs:
-            raise ModelPackageError(f"model package {pkg.path}: the engine has inputs {self._inputs} and outputs "
-                                    f"{self._outputs}, the manifest names {pkg.input_name!r} -> {pkg.output_name!r}")
-        self.min_shape, self.opt_shape, self.max_shape = (tuple(int(d) for d in s) for s in
-                                                          eng.get_tensor_profile_shape(pkg.input_name, 0))
+            raise ModelPackageError(
+                f"model package {pkg.path}: the engine has inputs {self._inputs} and outputs "
+                f"{self._outputs}, the manifest names {pkg.input_name!r} -> {pkg.output_name!r}"
+            )
+        self.min_shape, self.opt_shape, self.max_shape = (
+            tuple(int(d) for d in s) for s in eng.get_tensor_profile_shape(pkg.input_name, 0)
+        )
         self.max_batch = self.max_shape[0]
         if not ctx.set_input_shape(pkg.input_name, self.max_shape):
             raise EngineBuildError(f"{self.plan_path}: the engine refuses its own max shape {self.max_shape}")
@@ -219,8 +236,10 @@ class TensorRTBackend:
         out_max = tuple(ctx.get_tensor_shape(pkg.output_name))
         classes = pkg.manifest.output.classes
         if len(out_max) != 4 or out_max[1] != classes:
-            raise ModelPackageError(f"model package {pkg.path}: output {pkg.output_name!r} has shape {out_max} for "
-                                    f"input {self.max_shape}; the manifest says (N, {classes}, H, W)")
+            raise ModelPackageError(
+                f"model package {pkg.path}: output {pkg.output_name!r} has shape {out_max} for "
+                f"input {self.max_shape}; the manifest says (N, {classes}, H, W)"
+            )
 
     @contextlib.contextmanager
     def _current(self) -> Iterator[None]:
@@ -236,11 +255,13 @@ class TensorRTBackend:
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """InferenceError unless (n, C, H, W) fits the engine's profile (any n: batches are split)."""
         mn, mx = self.min_shape, self.max_shape
-        ok = (len(shape) == 4 and shape[1] == mx[1] and mn[2] <= shape[2] <= mx[2] and mn[3] <= shape[3] <= mx[3])
+        ok = len(shape) == 4 and shape[1] == mx[1] and mn[2] <= shape[2] <= mx[2] and mn[3] <= shape[3] <= mx[3]
         if not ok:
-            raise InferenceError(f"model {self.package.name}: input of shape {tuple(shape)} does not fit the engine's "
-                                 f"profile: (N, {mx[1]}, H, W) with H in {mn[2]}..{mx[2]} and W in {mn[3]}..{mx[3]} "
-                                 f"(batches over {mx[0]} are split)")
+            raise InferenceError(
+                f"model {self.package.name}: input of shape {tuple(shape)} does not fit the engine's "
+                f"profile: (N, {mx[1]}, H, W) with H in {mn[2]}..{mx[2]} and W in {mn[3]}..{mx[3]} "
+                f"(batches over {mx[0]} are split)"
+            )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self._closed:
@@ -252,7 +273,7 @@ class TensorRTBackend:
         parts = []
         with self._lock, self._current():  # one stream and one set of buffers: one run at a time
             for start in range(0, x.shape[0], self.max_batch):
-                parts.append(self._run_chunk(x[start:start + self.max_batch]))
+                parts.append(self._run_chunk(x[start : start + self.max_batch]))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _run_chunk(self, x: np.ndarray) -> np.ndarray:
@@ -260,7 +281,7 @@ class TensorRTBackend:
         iname, oname = self.package.input_name, self.package.output_name
         if not ctx.set_input_shape(iname, x.shape):
             raise InferenceError(f"TensorRT refused input shape {x.shape}: " + " | ".join(self._logger.errors[-3:]))
-        h_in = self._host[iname][:x.size].reshape(x.shape)
+        h_in = self._host[iname][: x.size].reshape(x.shape)
         np.copyto(h_in, x, casting="same_kind" if h_in.dtype.kind == "f" else "unsafe")
         for n, mem in self._dev.items():
             ctx.set_tensor_address(n, int(mem))
@@ -269,8 +290,10 @@ class TensorRTBackend:
         cuda.memcpy_htod_async(self._dev[iname], h_in, stream)
         if not ctx.execute_async_v3(stream.handle):
             stream.synchronize()
-            raise InferenceError(f"TensorRT failed to run {self.package.name} on {self.device}: "
-                                 + (" | ".join(self._logger.errors[-3:]) or "no reason given"))
+            raise InferenceError(
+                f"TensorRT failed to run {self.package.name} on {self.device}: "
+                + (" | ".join(self._logger.errors[-3:]) or "no reason given")
+            )
         h_out = self._host[oname][:size]
         cuda.memcpy_dtoh_async(h_out, self._dev[oname], stream)
         stream.synchronize()

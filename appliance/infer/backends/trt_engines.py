@@ -55,14 +55,31 @@ def engine_cache_key(package: ModelPackage, precision: str, gpu_id: str, flavour
     _check_precision(precision)
     recipe = _recipe(package, precision, gpu_id, flavour, trt_version)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    return "-".join([_slug(package.name), package.onnx_sha256[:12], _slug(flavour), _slug(trt_version),
-                     _slug(gpu_id), precision, digest])
+    return "-".join(
+        [
+            _slug(package.name),
+            package.onnx_sha256[:12],
+            _slug(flavour),
+            _slug(trt_version),
+            _slug(gpu_id),
+            precision,
+            digest,
+        ]
+    )
 
 
 def _recipe(package: ModelPackage, precision: str, gpu_id: str, flavour: str, trt_version: str) -> dict[str, Any]:
-    return {"recipe": RECIPE_VERSION, "onnx_sha256": package.onnx_sha256, "input": package.input_name,
-            "output": package.output_name, "profile": [list(s) for s in package.profile],
-            "precision": precision, "gpu": gpu_id, "flavour": flavour, "trt_version": trt_version}
+    return {
+        "recipe": RECIPE_VERSION,
+        "onnx_sha256": package.onnx_sha256,
+        "input": package.input_name,
+        "output": package.output_name,
+        "profile": [list(s) for s in package.profile],
+        "precision": precision,
+        "gpu": gpu_id,
+        "flavour": flavour,
+        "trt_version": trt_version,
+    }
 
 
 def engine_paths(engines_dir: Path, key: str) -> tuple[Path, Path]:
@@ -140,11 +157,14 @@ def _check_onnx_readable(path: Path, where: str) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends
-        raise EngineBuildError(f"{where}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-                               "the file is damaged or not ONNX") from None
+        raise EngineBuildError(
+            f"{where}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "the file is damaged or not ONNX"
+        ) from None
     if not model.graph.node or not model.graph.output:
-        raise EngineBuildError(f"{where}: {path} holds no ONNX graph (no nodes or no outputs): the file is not "
-                               "an ONNX model or is empty")
+        raise EngineBuildError(
+            f"{where}: {path} holds no ONNX graph (no nodes or no outputs): the file is not an ONNX model or is empty"
+        )
 
 
 def convert_onnx_fp16(src: Path, dst: Path) -> None:
@@ -166,8 +186,9 @@ def convert_onnx_fp16(src: Path, dst: Path) -> None:
     onnx.save_model(model16, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
 
 
-def _build_serialized(fl: Flavour, package: ModelPackage, precision: str, gpu_id: str,
-                      workspace: int) -> tuple[bytes, dict[str, Any]]:
+def _build_serialized(
+    fl: Flavour, package: ModelPackage, precision: str, gpu_id: str, workspace: int
+) -> tuple[bytes, dict[str, Any]]:
     """Build with Python's cyclic garbage collector paused, and no TensorRT object left in a cycle.
 
     TensorRT calls our logger while it holds its own lock (``createInferBuilder`` does); a collection that
@@ -187,8 +208,9 @@ def _build_serialized(fl: Flavour, package: ModelPackage, precision: str, gpu_id
             gc.enable()
 
 
-def _build(fl: Flavour, package: ModelPackage, precision: str, gpu_id: str,
-           workspace: int) -> tuple[bytes, dict[str, Any]]:
+def _build(
+    fl: Flavour, package: ModelPackage, precision: str, gpu_id: str, workspace: int
+) -> tuple[bytes, dict[str, Any]]:
     trt = fl.module
     logger = _make_logger(trt)
     where = f"model {package.name} {package.version}"
@@ -209,53 +231,72 @@ def _build(fl: Flavour, package: ModelPackage, precision: str, gpu_id: str,
         ok = parser.parse_from_file(str(onnx_file))
         if not ok:
             errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors or ["(no detail)"]
-            raise EngineBuildError(f"{where}: {fl.name}'s ONNX parser cannot read {package.onnx_path}: "
-                                   + " | ".join(e.strip() for e in errs[:8]))
+            raise EngineBuildError(
+                f"{where}: {fl.name}'s ONNX parser cannot read {package.onnx_path}: "
+                + " | ".join(e.strip() for e in errs[:8])
+            )
     if network.num_inputs == 0 or network.num_outputs == 0:  # the parser accepts some garbage as an empty graph
-        raise EngineBuildError(f"{where}: {fl.name}'s ONNX parser found no graph inputs or outputs in "
-                               f"{package.onnx_path}: the file is not an ONNX model or is empty")
+        raise EngineBuildError(
+            f"{where}: {fl.name}'s ONNX parser found no graph inputs or outputs in "
+            f"{package.onnx_path}: the file is not an ONNX model or is empty"
+        )
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     if package.input_name not in inputs or package.output_name not in outputs:
-        raise ModelPackageError(f"model package {package.path}: model.onnx has inputs {list(inputs)} and outputs "
-                                f"{outputs}, the manifest names {package.input_name!r} -> {package.output_name!r}")
+        raise ModelPackageError(
+            f"model package {package.path}: model.onnx has inputs {list(inputs)} and outputs "
+            f"{outputs}, the manifest names {package.input_name!r} -> {package.output_name!r}"
+        )
     if len(inputs) != 1:
-        raise ModelPackageError(f"model package {package.path}: model.onnx has inputs {list(inputs)}; "
-                                "the appliance feeds exactly one")
+        raise ModelPackageError(
+            f"model package {package.path}: model.onnx has inputs {list(inputs)}; the appliance feeds exactly one"
+        )
     dims = tuple(inputs[package.input_name].shape)
     if len(dims) != 4:
-        raise ModelPackageError(f"model package {package.path}: input {package.input_name!r} has shape {dims}, "
-                                "not (N, C, H, W)")
+        raise ModelPackageError(
+            f"model package {package.path}: input {package.input_name!r} has shape {dims}, not (N, C, H, W)"
+        )
     mn, opt, mx = package.profile
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     profile.set_shape(package.input_name, mn, opt, mx)
     if config.add_optimization_profile(profile) < 0:
-        raise EngineBuildError(f"{where}: input profile min {mn} opt {opt} max {mx} does not fit input "
-                               f"{package.input_name!r} of shape {dims}: " + " | ".join(logger.errors[-4:]))
+        raise EngineBuildError(
+            f"{where}: input profile min {mn} opt {opt} max {mx} does not fit input "
+            f"{package.input_name!r} of shape {dims}: " + " | ".join(logger.errors[-4:])
+        )
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if fp16_method == "BuilderFlag.FP16":
         config.set_flag(trt.BuilderFlag.FP16)
     if fl.is_rtx and gpu_id != PORTABLE:
         cc = getattr(trt.ComputeCapability, gpu_id.split("-")[0].upper(), None)
         if cc is None:
-            raise EngineBuildError(f"{where}: {fl.name} {fl.version} cannot target {gpu_id!r}; it knows "
-                                   + ", ".join(trt.ComputeCapability.__members__))
+            raise EngineBuildError(
+                f"{where}: {fl.name} {fl.version} cannot target {gpu_id!r}; it knows "
+                + ", ".join(trt.ComputeCapability.__members__)
+            )
         config.num_compute_capabilities = 1
         config.set_compute_capability(cc, 0)
     t0 = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.monotonic() - t0
     if serialized is None:
-        raise EngineBuildError(f"{where}: {fl.name} {fl.version} could not build a {precision} engine: "
-                               + (" | ".join(logger.errors[-8:]) or "(the builder gave no reason)"))
-    info = {"fp16_method": fp16_method, "build_seconds": round(seconds, 3), "workspace_bytes": workspace,
-            "onnx_input_shape": list(dims)}
+        raise EngineBuildError(
+            f"{where}: {fl.name} {fl.version} could not build a {precision} engine: "
+            + (" | ".join(logger.errors[-8:]) or "(the builder gave no reason)")
+        )
+    info = {
+        "fp16_method": fp16_method,
+        "build_seconds": round(seconds, 3),
+        "workspace_bytes": workspace,
+        "onnx_input_shape": list(dims),
+    }
     return bytes(memoryview(serialized)), info
 
 
-def build_engine(package: ModelPackage, precision: str, engines_dir: Path, *, gpu_id: str | None = None,
-                 workspace: int | None = None) -> tuple[Path, bool]:
+def build_engine(
+    package: ModelPackage, precision: str, engines_dir: Path, *, gpu_id: str | None = None, workspace: int | None = None
+) -> tuple[Path, bool]:
     """The plan for ``package`` under ``engines_dir``, building it unless cached: (path, built_now).
 
     ``gpu_id`` None picks :func:`default_gpu_id` (TensorRT-RTX: ``portable``, no GPU needed; TensorRT:
@@ -284,14 +325,27 @@ def build_engine(package: ModelPackage, precision: str, engines_dir: Path, *, gp
         for stale in engines_dir.glob(f".{key}.*.tmp"):  # left by a crash; nobody else holds the lock
             with contextlib.suppress(OSError):
                 stale.unlink()
-        log.info("building %s engine for %s %s (%s, target %s): this takes a while once",
-                 fl.name, package.name, package.version, precision, gpu_id)
+        log.info(
+            "building %s engine for %s %s (%s, target %s): this takes a while once",
+            fl.name,
+            package.name,
+            package.version,
+            precision,
+            gpu_id,
+        )
         data, info = _build_serialized(fl, package, precision, gpu_id, workspace)
-        meta = {"key": key, **_recipe(package, precision, gpu_id, fl.name, fl.version),
-                "model": package.name, "model_version": package.version, **info,
-                "plan_bytes": len(data), "plan_sha256": hashlib.sha256(data).hexdigest(),
-                "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "built_on": socket.gethostname(), "built_with_gpu": gpu.device if gpu else None}
+        meta = {
+            "key": key,
+            **_recipe(package, precision, gpu_id, fl.name, fl.version),
+            "model": package.name,
+            "model_version": package.version,
+            **info,
+            "plan_bytes": len(data),
+            "plan_sha256": hashlib.sha256(data).hexdigest(),
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "built_on": socket.gethostname(),
+            "built_with_gpu": gpu.device if gpu else None,
+        }
         # Any old plan goes first, then the sidecar, the plan last: a plan file exists only once both
         # are complete on disk, and never beside a sidecar written for another plan.
         plan.unlink(missing_ok=True)
@@ -301,5 +355,3 @@ def build_engine(package: ModelPackage, precision: str, engines_dir: Path, *, gp
             fsync_dir(engines_dir)
         log.info("built %s (%.1f MB) in %.1f s", plan.name, len(data) / 1e6, info["build_seconds"])
     return plan, True
-
-

@@ -55,9 +55,10 @@ def trt_flavour(prefer: tuple[str, ...] = ("tensorrt", "tensorrt_rtx")) -> Flavo
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         return Flavour(mod, name, version)
-    raise BackendUnavailable("TensorRT is not installed: neither the tensorrt module (JetPack, datacenter "
-                             "installs) nor tensorrt_rtx (pip install tensorrt-rtx) imports ("
-                             + "; ".join(errors) + ")")
+    raise BackendUnavailable(
+        "TensorRT is not installed: neither the tensorrt module (JetPack, datacenter "
+        "installs) nor tensorrt_rtx (pip install tensorrt-rtx) imports (" + "; ".join(errors) + ")"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,8 +113,9 @@ def gpu_info(index: int = 0) -> GpuInfo:
     count = ctypes.c_int(0)
     rc = lib.cuDeviceGetCount(ctypes.byref(count))
     if rc != 0 or count.value == 0:
-        raise BackendUnavailable("no CUDA GPU/driver: the driver reports no CUDA device"
-                                 + (f" ({_cu_error(lib, rc)})" if rc else ""))
+        raise BackendUnavailable(
+            "no CUDA GPU/driver: the driver reports no CUDA device" + (f" ({_cu_error(lib, rc)})" if rc else "")
+        )
     if not 0 <= index < count.value:
         raise BackendUnavailable(f"no CUDA GPU/driver: device {index} asked for, {count.value} present")
     dev = ctypes.c_int(0)
@@ -128,8 +130,13 @@ def gpu_info(index: int = 0) -> GpuInfo:
     lib.cuDriverGetVersion(ctypes.byref(drv))
     mem = ctypes.c_size_t(0)
     lib.cuDeviceTotalMem_v2(ctypes.byref(mem), dev)
-    return GpuInfo(index, buf.value.decode(errors="replace").strip() or "unknown GPU",
-                   (major.value, minor.value), int(mem.value), drv.value)
+    return GpuInfo(
+        index,
+        buf.value.decode(errors="replace").strip() or "unknown GPU",
+        (major.value, minor.value),
+        int(mem.value),
+        drv.value,
+    )
 
 
 def _slug(text: str) -> str:
@@ -149,5 +156,3 @@ def default_gpu_id(flavour: Flavour, gpu: GpuInfo | None = None, *, index: int =
         return PORTABLE
     gpu = gpu or gpu_info(index)
     return f"{gpu.sm}-{_slug(gpu.name)}"
-
-
