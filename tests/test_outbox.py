@@ -184,3 +184,18 @@ def test_retention_purges_only_delivered_work(tmp_path: Path) -> None:
 def test_purge_interval_is_bounded(tmp_path: Path, days: float) -> None:
     p = Purger(Store.open(tmp_path), days)
     assert 1.0 <= p.interval() <= 600.0
+
+
+def test_every_move_of_an_outbox_row_is_in_its_trail(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    ob = Outbox(store.index)
+    _series(store, "9.1")
+    _done_job(store, "9.1", ["pacs"])
+    row = ob.due()[0]
+    assert ob.record_failure(row, "association rejected", None, **FAIL) == "pending"  # no move: no event
+    assert ob.record_failure(row, "refused for good", "0xA900", **FAIL, permanent=True) == "dead"
+    assert ob.retry([row.id]) == 1
+    ob.record_sent(row, "0x0000")
+    moves = [(e["from_state"], e["to_state"]) for e in ob.events(row.id)]
+    assert moves == [(None, "pending"), ("pending", "dead"), ("dead", "pending"), ("pending", "sent")]
+    assert ob.events(row.id)[1]["reason"] == "refused for good"

@@ -163,6 +163,16 @@ class Outbox:
             sql += " WHERE " + " AND ".join(where)
         return [dict(r) for r in self.index.conn.execute(sql + " ORDER BY o.id", args).fetchall()]
 
+    def events(self, outbox_id: int) -> builtins.list[dict[str, Any]]:  # ``list`` is a method here
+        """The row's state trail: every move, oldest first."""
+        return [
+            dict(r)
+            for r in self.index.conn.execute(
+                "SELECT at, from_state, to_state, reason FROM outbox_events WHERE outbox_id = ? ORDER BY id",
+                (outbox_id,),
+            )
+        ]
+
     def attempts(self, outbox_id: int) -> builtins.list[dict[str, Any]]:  # ``list`` is a method here
         return [
             dict(r)

@@ -173,6 +173,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX outbox_attempts_row ON outbox_attempts(outbox_id);
     """,
+    # 4: the outbox's state trail, like series_events and job_events: every move of an outbox row is a row
+    # here (send attempts stay in outbox_attempts). Rows that existed before keep no history of their own.
+    """
+    CREATE TABLE outbox_events (
+        id         INTEGER PRIMARY KEY,
+        at         REAL NOT NULL,
+        outbox_id  INTEGER NOT NULL,
+        from_state TEXT,
+        to_state   TEXT NOT NULL,
+        reason     TEXT
+    );
+    CREATE INDEX outbox_events_row ON outbox_events(outbox_id);
+    CREATE TRIGGER outbox_created AFTER INSERT ON outbox BEGIN
+        INSERT INTO outbox_events(at, outbox_id, from_state, to_state, reason)
+        VALUES (NEW.created_at, NEW.id, NULL, NEW.state, NULL);
+    END;
+    CREATE TRIGGER outbox_state_changed AFTER UPDATE OF state ON outbox
+    WHEN OLD.state IS NOT NEW.state BEGIN
+        INSERT INTO outbox_events(at, outbox_id, from_state, to_state, reason)
+        VALUES ((julianday('now') - 2440587.5) * 86400.0, NEW.id, OLD.state, NEW.state, NEW.last_error);
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
