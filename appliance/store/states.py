@@ -6,7 +6,7 @@ metrics and panel stages enumerate states from these enums rather than from stri
 asks for a move with :func:`move`; the UPDATE it runs only matches rows whose current state may make that
 move, so a stage that asks for a move the table does not allow (a misspelt state, a series re-opened by a
 late instance meanwhile) changes nothing and learns so from the return value. The audit rows
-(``series_events``, ``job_events``) are written by triggers on the state column, in the same transaction.
+(``series_events``, ``job_events``, ``outbox_events``) are written by triggers on the state column, in the same transaction.
 """
 
 from __future__ import annotations
