@@ -105,6 +105,15 @@ class AssembleConfig(_Section):
     poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
 
 
+class MetricsConfig(_Section):
+    """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, for Prometheus and load balancers."""
+
+    enabled: bool = True
+    #: Loopback by default: a fleet scrapes through a reverse proxy or sets the box's address here.
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 9464
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -220,6 +229,7 @@ class Config(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=lambda: list(DEFAULT_ROUTES))
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

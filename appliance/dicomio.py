@@ -95,3 +95,91 @@ def check_decodable(ds: Dataset, where: str) -> None:
             f"{where}: its pixel data would decode to {need} bytes "
             f"(Rows x Columns x samples x frames), over the {MAX_DECODED_BYTES}-byte bound"
         )
+
+
+#: DICOM Modality (0008,0060) defined terms (PS3.3 C.7.3.1.1.1) that a metric label may carry; any other
+#: value a sender writes is counted as "other", so a stranger cannot grow the label set.
+MODALITIES = frozenset(
+    {
+        "AR",
+        "AS",
+        "ASMT",
+        "AU",
+        "BDUS",
+        "BI",
+        "BMD",
+        "CR",
+        "CT",
+        "CTPROTOCOL",
+        "DG",
+        "DOC",
+        "DX",
+        "ECG",
+        "EPS",
+        "ES",
+        "FID",
+        "GM",
+        "HC",
+        "HD",
+        "IO",
+        "IOL",
+        "IVOCT",
+        "IVUS",
+        "KER",
+        "KO",
+        "LEN",
+        "LS",
+        "MG",
+        "MR",
+        "M3D",
+        "NM",
+        "OAM",
+        "OCT",
+        "OP",
+        "OPM",
+        "OPT",
+        "OPTBSV",
+        "OPTENF",
+        "OPV",
+        "OSS",
+        "OT",
+        "PLAN",
+        "PR",
+        "PT",
+        "PX",
+        "REG",
+        "RESP",
+        "RF",
+        "RG",
+        "RTDOSE",
+        "RTIMAGE",
+        "RTINTENT",
+        "RTPLAN",
+        "RTRAD",
+        "RTRECORD",
+        "RTSEGANN",
+        "RTSTRUCT",
+        "RWV",
+        "SEG",
+        "SM",
+        "SMR",
+        "SR",
+        "SRF",
+        "STAIN",
+        "TEXTUREMAP",
+        "TG",
+        "US",
+        "VA",
+        "XA",
+        "XAPROTOCOL",
+        "XC",
+    }
+)
+
+
+def modality_label(value: object) -> str:
+    """``value`` if it is a defined Modality term, else ``"other"`` (``"none"`` when absent)."""
+    if value is None or value == "":
+        return "none"
+    text = str(value).strip().upper()
+    return text if text in MODALITIES else "other"

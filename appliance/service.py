@@ -30,6 +30,8 @@ from appliance.errors import ApplianceError
 from appliance.export import Sender
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
+from appliance.metrics.collect import ModelView, ProcessView
+from appliance.metrics.http import MetricsApp, MetricsServer
 from appliance.models.package import find_packages
 from appliance.retention import Purger
 from appliance.route import Router
@@ -164,6 +166,8 @@ class Supervisor:
         #: When a dead worker is started again (monotonic); None while one runs.
         self._worker_due: float | None = None
         self._threads: list[tuple[threading.Thread, float]] = []
+        self._metrics: MetricsServer | None = None
+        self._packages: list[Any] = []
 
     def run(self) -> int:
         cfg = self.config
@@ -193,6 +197,7 @@ class Supervisor:
         )
         self._start_stages(store, packages)
         self._start_worker()
+        self._start_metrics(store, packages)
         self._watch(store)
         self._shut_down(store, sock, procs_lock, lock)
         return 0
@@ -357,8 +362,44 @@ class Supervisor:
 
     # -- stopping ----------------------------------------------------------------------------------
 
+    def _start_metrics(self, store: Store, packages: list[Any]) -> None:
+        """``[metrics]``: /metrics, /healthz, /readyz on a thread of the supervisor, which knows its processes."""
+        m = self.config.metrics
+        if not m.enabled:
+            return
+        self._packages = packages
+        app = MetricsApp(
+            self.config, store, self.process_view, lambda: [ModelView(p.name, p.version) for p in self._packages]
+        )
+        try:
+            self._metrics = MetricsServer(app, m.bind, m.port)
+        except OSError as exc:
+            # Monitoring must not take reception down: the box keeps receiving, loudly without metrics.
+            log.error(
+                "cannot serve metrics on %s:%d: %s; running WITHOUT /metrics, /healthz and /readyz (another "
+                "program on that port? set [metrics] port, or enabled = false)",
+                m.bind,
+                m.port,
+                exc.strerror or exc,
+            )
+            return
+        self._metrics.start()
+
+    def process_view(self) -> ProcessView:
+        """Open associations and which processes are alive, for the metrics and readiness checks."""
+        slots = getattr(self, "_slots", None)
+        counts = [slots[i] for i in range(len(slots))] if slots is not None else []
+        return ProcessView(
+            open_associations=sum(max(0, c) for c in counts),
+            listeners_alive=sum(1 for p in self.listeners if p is not None and p.is_alive()),
+            listeners=len(self.listeners),
+            worker_alive=self.worker is not None and self.worker.is_alive(),
+        )
+
     def _shut_down(self, store: Store, sock: socket.socket, *locks: Any) -> None:
         log.info("stopping")
+        if self._metrics is not None:
+            self._metrics.stop()
         self._stop_all([*self.listeners, self.worker])
         try:
             status_path(store.data_dir).unlink()

@@ -100,6 +100,7 @@ class Appliance:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.metrics_port = free_port()
         self.data_dir = root / "data"
         self.config_path = root / "appliance.toml"
         self.log_path = root / "appliance.log"
@@ -108,6 +109,8 @@ class Appliance:
             "storage": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
             "assemble": {},
             "logging": {"level": "INFO"},
+            # A port of its own: several appliances run at once in some tests.
+            "metrics": {"bind": "127.0.0.1", "port": self.metrics_port},
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)

@@ -18,10 +18,14 @@ LAYERS = [
     {"appliance.models", "appliance.store"},
     {"appliance.config"},
     {"appliance.ingest", "appliance.assemble", "appliance.route", "appliance.infer", "appliance.results",
-     "appliance.export", "appliance.retention", "appliance.worker"},
+     "appliance.export", "appliance.retention", "appliance.worker", "appliance.metrics"},
     {"appliance.service", "appliance.cli", "appliance.__main__"},
 ]
-STAGE_USES = {"appliance.results": {"appliance.infer"}, "appliance.worker": {"appliance.infer", "appliance.results"}}
+STAGE_USES = {
+    "appliance.results": {"appliance.infer"},
+    "appliance.worker": {"appliance.infer", "appliance.results"},
+    "appliance.metrics": {"appliance.ingest"},  # the DICOM status names its counters carry (ingest/status.py)
+}
 
 
 def _unit(module: str) -> str:

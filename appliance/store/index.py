@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.dicomio import modality_label
 from appliance.errors import StoreError
 from appliance.store.schema import MIGRATIONS, SCHEMA_VERSION
 from appliance.store.states import SERIES, SeriesState, Sql, move
@@ -170,6 +171,13 @@ class Index:
             if cur.rowcount == 0:
                 # Lost a race with the same instance on another association: undo the series touch.
                 raise _Duplicate
+            # What the metrics export as received totals: counted here, in the instance's own transaction,
+            # so they never go backwards (rows are purged; these are not).
+            conn.execute(
+                "INSERT INTO counters(name, label, value) VALUES ('ingest_instances', ?, 1), ('ingest_bytes', '', ?)"
+                " ON CONFLICT(name, label) DO UPDATE SET value = value + excluded.value",
+                (modality_label(rec.modality), rec.size),
+            )
             link = (rec.series_uid, association_id)
             if association_id is not None and link not in self._linked:
                 conn.execute(

@@ -1,0 +1,1 @@
+"""The metrics stage: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``, read from the store."""

@@ -1,0 +1,91 @@
+"""The metric catalogue: every family the appliance exports, with its type, unit, labels and meaning.
+
+Names and labels are a contract with every fleet that scrapes a box: a test compares the exposition with this
+table and the README's copy of it. Labels are bounded sets (states, configured names, defined DICOM terms);
+never a UID, a patient or study attribute, or text a peer typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # gauge | counter | info
+    unit: str
+    labels: tuple[str, ...]
+    help: str
+
+
+CATALOGUE: tuple[Family, ...] = (
+    Family("appliance_build", "info", "", ("version", "platform"), "The appliance's version and platform."),
+    Family(
+        "appliance_model",
+        "info",
+        "",
+        ("model", "version", "backend", "precision", "device"),
+        "A model package routes can use, with the backend it last ran on (configured, before its first job).",
+    ),
+    Family("appliance_dicom_associations", "gauge", "", (), "DICOM associations open now, across all listeners."),
+    Family("appliance_dicom_listeners_up", "gauge", "", (), "Listener processes alive (of [dicom] listeners)."),
+    Family(
+        "appliance_dicom_instances_received",
+        "counter",
+        "",
+        ("modality",),
+        "Instances stored and acknowledged, by Modality (defined terms; anything else is 'other').",
+    ),
+    Family("appliance_dicom_received", "counter", "bytes", (), "Bytes of instances stored."),
+    Family(
+        "appliance_dicom_store_failures",
+        "counter",
+        "",
+        ("status",),
+        "C-STORE requests answered with a failure, by DICOM status (hex).",
+    ),
+    Family(
+        "appliance_dicom_protocol_errors",
+        "counter",
+        "",
+        ("kind",),
+        "Associations aborted for a protocol violation, by kind (oversized_pdu, undecodable_pdu, ...).",
+    ),
+    Family("appliance_series", "gauge", "", ("state",), "Series in each state."),
+    Family("appliance_queue_depth", "gauge", "", ("priority",), "Jobs waiting for the worker, by route priority."),
+    Family("appliance_jobs", "counter", "", ("model", "result"), "Jobs finished, by model and result (done, failed)."),
+    Family(
+        "appliance_export_attempts",
+        "counter",
+        "",
+        ("destination", "result"),
+        "Attempts to send a result object, by configured destination and result (ok, failed).",
+    ),
+    Family("appliance_outbox_pending", "gauge", "", ("destination",), "Result objects waiting to be sent."),
+    Family(
+        "appliance_outbox_dead",
+        "gauge",
+        "",
+        ("destination",),
+        "Dead letters: result objects that gave up (appliance outbox retry sends them again).",
+    ),
+    Family(
+        "appliance_export_oldest_pending",
+        "gauge",
+        "seconds",
+        ("destination",),
+        "Age of the oldest result object still waiting for a destination (0 when none waits).",
+    ),
+    Family("appliance_disk_free", "gauge", "bytes", ("path",), "Free bytes on the data filesystem."),
+    Family("appliance_disk_reserve", "gauge", "bytes", (), "[storage] min_free_bytes: below it C-STOREs are refused."),
+    Family("appliance_worker_up", "gauge", "", (), "1 while the inference worker process is alive."),
+)
+
+BY_NAME = {f.name: f for f in CATALOGUE}
+
+
+def exposed_name(f: Family) -> str:
+    """The name a sample carries: ``_info``, ``_total`` and unit suffixes as Prometheus conventions want them."""
+    name = f.name + (f"_{f.unit}" if f.unit else "")
+    return name + {"counter": "_total", "info": "_info"}.get(f.kind, "")

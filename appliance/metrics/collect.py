@@ -1,0 +1,196 @@
+"""Samples for one scrape, read from the store and the supervisor's view of its processes.
+
+The store is where every stage records what it did (listeners, worker and sender are separate processes), so
+a scrape is a handful of indexed aggregate queries on a read-only connection of its own, not a second
+bookkeeping. Counters come from rows that only ever grow (the counters table, event and attempt trails), so
+they never go backwards while the appliance runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.ingest.status import StoreStatus
+from appliance.metrics.catalogue import BY_NAME, Family
+from appliance.store import Index, Store
+from appliance.store.states import OutboxState, SeriesState
+from appliance.store.stats import Stats
+
+#: Where the label value is not one of a configured set (a destination renamed or removed since).
+OTHER = "other"
+
+
+@dataclass
+class ProcessView:
+    """What the supervisor knows about its processes at scrape time."""
+
+    open_associations: int = 0
+    listeners_alive: int = 0
+    listeners: int = 0
+    worker_alive: bool = False
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    version: str
+
+
+def _family(name: str) -> Family:
+    return BY_NAME[name]
+
+
+def _gauge(name: str) -> GaugeMetricFamily:
+    f = _family(name)
+    return GaugeMetricFamily(f.name + (f"_{f.unit}" if f.unit else ""), f.help, labels=list(f.labels), unit=f.unit)
+
+
+def _counter(name: str) -> CounterMetricFamily:
+    f = _family(name)
+    return CounterMetricFamily(f.name + (f"_{f.unit}" if f.unit else ""), f.help, labels=list(f.labels), unit=f.unit)
+
+
+_STATUS_HEX = {s.name.lower(): f"0x{int(s):04X}" for s in StoreStatus}
+
+
+class StoreCollector(Collector):
+    def __init__(
+        self, config: Config, store: Store, processes: Callable[[], ProcessView], models: Callable[[], list[ModelView]]
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.processes = processes
+        self.models = models
+        self.destinations = [d.name for d in config.destinations]
+
+    def _dest(self, name: str) -> str:
+        return name if name in self.destinations else OTHER
+
+    def collect(self) -> Iterator[Metric]:
+        # A read-only connection per scrape: the HTTP server answers each request on a thread of its own.
+        index = Index(self.store.index.db_path, readonly=True)
+        try:
+            stats = Stats(index)
+            yield self._build()
+            yield self._model_info(stats)
+            yield from self._dicom(index)
+            yield from self._pipeline(stats)
+            yield from self._export(stats)
+            yield from self._disk()
+        finally:
+            index.close()
+
+    def _build(self) -> Metric:
+        f = _family("appliance_build")
+        m = InfoMetricFamily(f.name, f.help, labels=[])
+        m.add_metric([], {"version": __version__, "platform": f"{platform.system().lower()}-{platform.machine()}"})
+        return m
+
+    def _model_info(self, stats: Stats) -> Metric:
+        f = _family("appliance_model")
+        m = InfoMetricFamily(f.name, f.help, labels=[])
+        last = stats.last_backend_per_model()
+        inf = self.config.inference
+        for mv in self.models():
+            r = last.get(mv.name)
+            m.add_metric(
+                [],
+                {
+                    "model": mv.name,
+                    "version": mv.version,
+                    "backend": r["backend"] if r else inf.backend,
+                    "precision": r["precision"] if r else inf.precision,
+                    "device": r["device"] if r else "none yet",
+                },
+            )
+        return m
+
+    def _dicom(self, index: Index) -> Iterator[Metric]:
+        view = self.processes()
+        g = _gauge("appliance_dicom_associations")
+        g.add_metric([], view.open_associations)
+        yield g
+        g = _gauge("appliance_dicom_listeners_up")
+        g.add_metric([], view.listeners_alive)
+        yield g
+        counters = index.counters()
+        c = _counter("appliance_dicom_instances_received")
+        for (name, label), value in sorted(counters.items()):
+            if name == "ingest_instances":
+                c.add_metric([label], value)
+        yield c
+        c = _counter("appliance_dicom_received")
+        c.add_metric([], counters.get(("ingest_bytes", ""), 0))
+        yield c
+        c = _counter("appliance_dicom_store_failures")
+        for (name, label), value in sorted(counters.items()):
+            if name == "ingest_rejected_instances":
+                c.add_metric([_STATUS_HEX.get(label, OTHER)], value)
+        yield c
+        c = _counter("appliance_dicom_protocol_errors")
+        for (name, label), value in sorted(counters.items()):
+            if name == "ingest_protocol_errors":
+                c.add_metric([label], value)
+        yield c
+
+    def _pipeline(self, stats: Stats) -> Iterator[Metric]:
+        counts = stats.series_by_state()
+        g = _gauge("appliance_series")
+        for state in SeriesState:
+            g.add_metric([str(state)], counts.get(str(state), 0))
+        yield g
+        g = _gauge("appliance_queue_depth")
+        for prio, n in sorted(stats.queued_by_priority().items()):
+            g.add_metric([str(prio)], n)
+        yield g
+        c = _counter("appliance_jobs")
+        for (model, result), n in sorted(stats.jobs_finished().items()):
+            c.add_metric([model, result], n)
+        yield c
+        g = _gauge("appliance_worker_up")
+        g.add_metric([], 1 if self.processes().worker_alive else 0)
+        yield g
+
+    def _export(self, stats: Stats) -> Iterator[Metric]:
+        attempts: dict[tuple[str, str], int] = {}
+        for (dest, ok), n in stats.export_attempts().items():
+            key = (self._dest(dest), "ok" if ok else "failed")
+            attempts[key] = attempts.get(key, 0) + n
+        c = _counter("appliance_export_attempts")
+        for (dest, result), n in sorted(attempts.items()):
+            c.add_metric([dest, result], n)
+        yield c
+        rows = {(self._dest(d), s): v for (d, s), v in stats.outbox_waiting().items()}
+        now = time.time()
+        pending, dead, age = (
+            _gauge("appliance_outbox_pending"),
+            _gauge("appliance_outbox_dead"),
+            _gauge("appliance_export_oldest_pending"),
+        )
+        for dest in self.destinations:
+            n, oldest = rows.get((dest, OutboxState.PENDING), (0, None))
+            pending.add_metric([dest], n)
+            age.add_metric([dest], max(0.0, now - oldest) if oldest is not None else 0.0)
+            dead.add_metric([dest], rows.get((dest, OutboxState.DEAD), (0, None))[0])
+        yield pending
+        yield dead
+        yield age
+
+    def _disk(self) -> Iterator[Metric]:
+        g = _gauge("appliance_disk_free")
+        try:
+            g.add_metric(["data_dir"], self.store.spool.free_bytes())
+        except OSError:
+            pass  # absent, not zero: the filesystem cannot be asked
+        yield g
+        g = _gauge("appliance_disk_reserve")
+        g.add_metric([], self.config.storage.min_free_bytes)
+        yield g

@@ -1,0 +1,168 @@
+"""/metrics, /healthz and /readyz: the catalogue is the contract, labels stay bounded, readiness says why."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.config import Config, parse_config
+from appliance.metrics.catalogue import CATALOGUE, exposed_name
+from appliance.metrics.collect import ModelView, ProcessView
+from appliance.metrics.http import MetricsApp
+from appliance.store import InstanceRecord, Store
+from appliance.store.jobs import JobQueue, NewObject
+from appliance.store.outbox import Outbox
+from appliance_dev.dicom_factory import make_series
+from conftest import run_storescu
+
+UID_LIKE = re.compile(r"^\d+(\.\d+){3,}$")
+FAMILY_NAMES = {exposed_name(f).removesuffix("_total") for f in CATALOGUE}  # the text parser keeps "_info"
+
+
+def _scrape(app: MetricsApp, accept: str = "") -> tuple[str, str, bytes]:
+    got: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        got["status"], got["headers"] = status, dict(headers)
+
+    body = b"".join(app({"PATH_INFO": "/metrics", "HTTP_ACCEPT": accept}, start_response))
+    return got["status"], got["headers"]["Content-Type"], body
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _store_with_work(tmp_path: Path, config: Config) -> Store:
+    store = Store.open(tmp_path)
+    for i, modality in enumerate(["CT", "CT", "MR", "NOT-A-MODALITY"]):
+        store.index.add_instance(InstanceRecord(f"1.2.3.4.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", f"1.2.3.9.{i % 2}",
+                                                "1.2.840.10008.1.2.1", f"p{i}", 100, patient_id="SECRET^PATIENT",
+                                                modality=modality), None)
+    store.index.complete_quiet_series(time.time() + 60, 5.0, 0.5)
+    jobs = JobQueue(store.index)
+    jobs.queue_jobs("1.2.3.9.0", [("liver-ct-demo", 0, ["r"], ["pacs"])])
+    job = jobs.claim(1)
+    assert job is not None
+    jobs.finish(job, ok=True, reason="done", backend="onnxruntime", device="cpu", precision="fp32",
+                objects=[NewObject("SEG", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.9.1", "1.2.9", "results/x/seg.dcm")])
+    row = Outbox(store.index).due()[0]
+    Outbox(store.index).record_failure(row, "cannot connect", None, max_attempts=5, base=1.0, cap=1.0)
+    store.index.count("ingest_rejected_instances", "missing_uid")
+    store.index.count("ingest_protocol_errors", "oversized_pdu")
+    return store
+
+
+def _app(store: Store, config: Config, view: ProcessView | None = None) -> MetricsApp:
+    return MetricsApp(config, store, lambda: view or ProcessView(2, 2, 2, True),
+                      lambda: [ModelView("liver-ct-demo", "1.4.0")])
+
+
+CONFIG = parse_config({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+                       "storage": {"min_free_bytes": 0}})
+
+
+def test_exposition_is_the_catalogue_with_bounded_labels(tmp_path: Path) -> None:
+    store = _store_with_work(tmp_path, CONFIG)
+    status, ctype, body = _scrape(_app(store, CONFIG))
+    assert status == "200 OK" and ctype.startswith("text/plain")
+    fams = _families(body.decode())
+    assert set(fams) == FAMILY_NAMES, set(fams) ^ FAMILY_NAMES
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    assert values[("appliance_dicom_instances_received_total", (("modality", "CT"),))] == 2
+    assert values[("appliance_dicom_instances_received_total", (("modality", "other"),))] == 1  # a stranger's word
+    assert values[("appliance_dicom_received_bytes_total", ())] == 400
+    assert values[("appliance_series", (("state", "exporting"),))] == 1
+    assert values[("appliance_series", (("state", "complete"),))] == 1
+    assert values[("appliance_outbox_pending", (("destination", "pacs"),))] == 1
+    assert values[("appliance_export_attempts_total", (("destination", "pacs"), ("result", "failed")))] == 1
+    assert values[("appliance_jobs_total", (("model", "liver-ct-demo"), ("result", "done")))] == 1
+    assert values[("appliance_dicom_store_failures_total", (("status", "0xC001"),))] == 1
+    assert values[("appliance_dicom_protocol_errors_total", (("kind", "oversized_pdu"),))] == 1
+    assert values[("appliance_dicom_associations", ())] == 2
+    info = [s.labels for s in fams["appliance_model_info"].samples]
+    assert info == [{"model": "liver-ct-demo", "version": "1.4.0", "backend": "onnxruntime", "precision": "fp32",
+                     "device": "cpu"}]
+    labels = [v for f in fams.values() for s in f.samples for v in s.labels.values()]
+    assert not [v for v in labels if UID_LIKE.match(v) or "SECRET" in v]
+    assert sum(len(f.samples) for f in fams.values()) < 300
+
+
+def test_openmetrics_when_the_scraper_asks(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    status, ctype, body = _scrape(_app(store, CONFIG), "application/openmetrics-text; version=1.0.0")
+    assert status == "200 OK" and ctype.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_counters_never_go_backwards_when_rows_are_purged(tmp_path: Path) -> None:
+    store = _store_with_work(tmp_path, CONFIG)
+    store.index.conn.execute("DELETE FROM instances")  # what retention does to a purged series' rows
+    fams = _families(_scrape(_app(store, CONFIG))[2].decode())
+    ct = [s.value for s in fams["appliance_dicom_instances_received"].samples if s.labels.get("modality") == "CT"]
+    assert ct == [2]
+
+
+@pytest.mark.parametrize(("view", "min_free", "failing"), [
+    (ProcessView(0, 2, 2, True), 0, set()),
+    (ProcessView(0, 2, 2, False), 0, {"worker"}),
+    (ProcessView(0, 1, 2, True), 0, {"listeners"}),
+    (ProcessView(0, 2, 2, True), 10 ** 18, {"disk"}),
+])
+def test_readiness_names_each_failing_check(tmp_path: Path, view: ProcessView, min_free: int, failing: set[str]) -> None:
+    config = parse_config({"storage": {"min_free_bytes": min_free}})
+    app = _app(Store.open(tmp_path), config, view)
+    got: dict[str, Any] = {}
+    body = json.loads(b"".join(app({"PATH_INFO": "/readyz"}, lambda s, h: got.update(status=s))))
+    assert got["status"] == ("200 OK" if not failing else "503 Service Unavailable")
+    assert {name for name, c in body["checks"].items() if not c["ok"]} == failing
+    assert all(c.get("reason") for c in body["checks"].values() if not c["ok"])
+
+
+def test_a_routed_model_that_is_not_loaded_makes_the_box_not_ready(tmp_path: Path) -> None:
+    config = parse_config({"routes": [{"name": "r", "match": {"Modality": "CT"}, "models": ["missing-model"]}]})
+    app = _app(Store.open(tmp_path), config)
+    checks = {c.name: c for c in app.checks()}
+    assert not checks["models"].ok and "missing-model" in checks["models"].reason
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.slow
+def test_running_appliance_serves_metrics_and_health(appliance_factory: Any, tmp_path: Path) -> None:
+    app = appliance_factory()
+    make_series(tmp_path / "s", 3)
+    res = run_storescu(app, tmp_path / "s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    base = f"http://127.0.0.1:{app.metrics_port}"
+    status, body = _get(base + "/metrics")
+    assert status == 200
+    fams = _families(body.decode())
+    ct = [s.value for s in fams["appliance_dicom_instances_received"].samples if s.labels.get("modality") == "CT"]
+    assert ct == [3]
+    assert [s.value for s in fams["appliance_dicom_listeners_up"].samples] == [2]
+    assert _get(base + "/healthz")[0] == 200
+    status, body = _get(base + "/readyz")
+    assert status == 200, body
+    assert json.loads(body)["status"] == "ready"
+    assert _get(base + "/nothing")[0] == 404
+
+
+def test_readme_documents_the_catalogue() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(appliance_[a-z_]+)` \| (\w+) \|", readme, re.M))
+    assert documented == {(exposed_name(f), f.kind) for f in CATALOGUE}
