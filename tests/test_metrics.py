@@ -155,6 +155,8 @@ def test_running_appliance_serves_metrics_and_health(appliance_factory: Any, tmp
     ct = [s.value for s in fams["appliance_dicom_instances_received"].samples if s.labels.get("modality") == "CT"]
     assert ct == [3]
     assert [s.value for s in fams["appliance_dicom_listeners_up"].samples] == [2]
+    count = [s.value for s in fams["appliance_store_duration_seconds"].samples if s.name.endswith("_count")]
+    assert count == [3], "every stored instance is one observation, whichever listener stored it"
     assert _get(base + "/healthz")[0] == 200
     status, body = _get(base + "/readyz")
     assert status == 200, body
@@ -166,3 +168,22 @@ def test_readme_documents_the_catalogue() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(appliance_[a-z_]+)` \| (\w+) \|", readme, re.M))
     assert documented == {(exposed_name(f), f.kind) for f in CATALOGUE}
+
+
+def test_latency_histograms_follow_the_work(tmp_path: Path) -> None:
+    store = _store_with_work(tmp_path, CONFIG)  # one job claimed (time to job) and finished, one row failed once
+    ob = Outbox(store.index)
+    row = next(r for r in ob.due(now=time.time() + 10))
+    ob.record_sent(row, "0x0000")  # its job's only result: delivered
+    fams = _families(_scrape(_app(store, CONFIG))[2].decode())
+
+    def samples(name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fams[name].samples}
+
+    wait = samples("appliance_time_to_job_seconds")
+    assert wait[("appliance_time_to_job_seconds_count", ())] == 1
+    assert wait[("appliance_time_to_job_seconds_bucket", (("le", "+Inf"),))] == 1
+    res = samples("appliance_time_to_result_seconds")
+    assert res[("appliance_time_to_result_seconds_count", (("model", "liver-ct-demo"),))] == 1
+    buckets = [v for (n, lab), v in res.items() if n.endswith("_bucket")]
+    assert buckets == sorted(buckets), "cumulative buckets"

@@ -12,6 +12,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,6 +243,7 @@ class Receiver:
         A :class:`SpilledDataset` is already a file with our file meta in front: it is made durable
         and renamed into place instead of written. The caller discards it if it was not stored.
         """
+        t0 = time.perf_counter()  # the data set is in memory (or its spill file): from here to durable
         if self.stopping.is_set():
             return self._refuse(StoreStatus.SHUTTING_DOWN, "appliance is shutting down; resend later", calling_ae)
         meta = file_meta(affected_sop_class_uid, affected_sop_instance_uid, transfer_syntax, calling_ae)
@@ -286,7 +288,7 @@ class Receiver:
             self._write(relpath, meta, dataset)
             rec = instance_record(values, uids, str(transfer_syntax), relpath, size)
             try:
-                added = index.add_instance_idempotent(rec, association_id)
+                added = index.add_instance_idempotent(rec, association_id, store_seconds=time.perf_counter() - t0)
             except BaseException:
                 # Not acknowledged, so the file must not stay: it would be an unindexed orphan.
                 self._discard_unindexed(sop_uid, relpath)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Family:
     name: str
-    kind: str  # gauge | counter | info
+    kind: str  # gauge | counter | info | histogram
     unit: str
     labels: tuple[str, ...]
     help: str
@@ -80,6 +80,34 @@ CATALOGUE: tuple[Family, ...] = (
     Family("appliance_disk_free", "gauge", "bytes", ("path",), "Free bytes on the data filesystem."),
     Family("appliance_disk_reserve", "gauge", "bytes", (), "[storage] min_free_bytes: below it C-STOREs are refused."),
     Family("appliance_worker_up", "gauge", "", (), "1 while the inference worker process is alive."),
+    Family(
+        "appliance_store_duration",
+        "histogram",
+        "seconds",
+        (),
+        "One instance from its data set received to durable (file fsynced, index row written).",
+    ),
+    Family(
+        "appliance_stage_duration",
+        "histogram",
+        "seconds",
+        ("stage",),
+        "One job's time in each worker stage (decode, preprocess, infer, postprocess, measure, results).",
+    ),
+    Family(
+        "appliance_time_to_job",
+        "histogram",
+        "seconds",
+        (),
+        "A series' last instance to its job starting (first attempt).",
+    ),
+    Family(
+        "appliance_time_to_result",
+        "histogram",
+        "seconds",
+        ("model",),
+        "A series' last instance to every result of the model's job acknowledged by its destinations.",
+    ),
 )
 
 BY_NAME = {f.name: f for f in CATALOGUE}

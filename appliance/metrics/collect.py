@@ -13,14 +13,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.config import Config
 from appliance.ingest.status import StoreStatus
 from appliance.metrics.catalogue import BY_NAME, Family
-from appliance.store import Index, Store
+from appliance.store import Index, Store, histograms
 from appliance.store.states import OutboxState, SeriesState
 from appliance.store.stats import Stats
 
@@ -85,6 +91,7 @@ class StoreCollector(Collector):
             yield from self._pipeline(stats)
             yield from self._export(stats)
             yield from self._disk()
+            yield from self._histograms(index)
         finally:
             index.close()
 
@@ -183,6 +190,20 @@ class StoreCollector(Collector):
         yield pending
         yield dead
         yield age
+
+    def _histograms(self, index: Index) -> Iterator[Metric]:
+        counters = index.counters()
+        for family, metric, buckets in (
+            ("appliance_store_duration", "store_seconds", histograms.STORE),
+            ("appliance_stage_duration", "stage_duration_seconds", histograms.STAGE),
+            ("appliance_time_to_job", "time_to_job_seconds", histograms.WAIT),
+            ("appliance_time_to_result", "time_to_result_seconds", histograms.WAIT),
+        ):
+            f = _family(family)
+            h = HistogramMetricFamily(f.name + f"_{f.unit}", f.help, labels=list(f.labels), unit=f.unit)
+            for label, hist in sorted(histograms.read(counters, metric, buckets).items()):
+                h.add_metric([label] if f.labels else [], [(le, float(n)) for le, n in hist.buckets], hist.sum_seconds)
+            yield h
 
     def _disk(self) -> Iterator[Metric]:
         g = _gauge("appliance_disk_free")

@@ -19,6 +19,7 @@ from typing import Any
 
 from appliance.dicomio import modality_label
 from appliance.errors import StoreError
+from appliance.store import histograms
 from appliance.store.schema import MIGRATIONS, SCHEMA_VERSION
 from appliance.store.states import SERIES, SeriesState, Sql, move
 
@@ -140,7 +141,13 @@ class Index:
         row = self.conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         return row is not None
 
-    def add_instance(self, rec: InstanceRecord, association_id: str | None, now: float | None = None) -> bool:
+    def add_instance(
+        self,
+        rec: InstanceRecord,
+        association_id: str | None,
+        now: float | None = None,
+        store_seconds: float | None = None,
+    ) -> bool:
         """Index a durably written instance; raises ``_Duplicate`` when it was already there.
 
         One transaction: the series (created, counted, re-opened when it had been complete), the
@@ -178,6 +185,8 @@ class Index:
                 " ON CONFLICT(name, label) DO UPDATE SET value = value + excluded.value",
                 (modality_label(rec.modality), rec.size),
             )
+            if store_seconds is not None:  # from the data set in memory to here (file durable, row about to commit)
+                histograms.observe(conn, "store_seconds", histograms.STORE, store_seconds)
             link = (rec.series_uid, association_id)
             if association_id is not None and link not in self._linked:
                 conn.execute(
@@ -193,9 +202,11 @@ class Index:
                 self._linked.clear()
         return True
 
-    def add_instance_idempotent(self, rec: InstanceRecord, association_id: str | None) -> bool:
+    def add_instance_idempotent(
+        self, rec: InstanceRecord, association_id: str | None, store_seconds: float | None = None
+    ) -> bool:
         try:
-            return self.add_instance(rec, association_id)
+            return self.add_instance(rec, association_id, store_seconds=store_seconds)
         except _Duplicate:
             return False
 

@@ -15,8 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import histograms
 from appliance.store.index import Index
 from appliance.store.states import JOBS, OUTBOX, SERIES, SETTLED, JobState, OutboxState, SeriesState, Sql, move
+
+#: The worker's stages, as its job timings name them (and the stage histogram labels them).
+STAGES = ("decode", "preprocess", "infer", "postprocess", "measure", "results")
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,12 @@ class JobQueue:
                 reason=f"running {row['model']}",
                 changed_at=now,
             )
+            if row["attempts"] == 0:  # the first start of this generation: how long the series waited
+                last = c.execute(
+                    "SELECT last_received FROM series WHERE series_uid = ?", (row["series_uid"],)
+                ).fetchone()
+                if last is not None:
+                    histograms.observe(c, "time_to_job_seconds", histograms.WAIT, now - last[0])
         return Job(
             id=row["id"],
             series_uid=row["series_uid"],
@@ -258,6 +268,10 @@ class JobQueue:
             )
             if moved == 0:
                 return False
+            if ok and timings:
+                for stage in STAGES:
+                    if stage in timings:
+                        histograms.observe(c, "stage_duration_seconds", histograms.STAGE, timings[stage], stage)
             for obj in objects or []:
                 oid = c.execute(
                     "INSERT INTO result_objects(job_id, generation, series_uid, kind, sop_class_uid,"

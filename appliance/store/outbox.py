@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.store import histograms
 from appliance.store.index import Index
 from appliance.store.jobs import settle_series
 from appliance.store.states import OUTBOX, OutboxState, Sql, move
@@ -41,6 +42,24 @@ def backoff(attempts: int, base: float, cap: float, rng: random.Random | None = 
     d = min(cap, base * (2 ** max(0, attempts - 1)))
     r = (rng or random).random()
     return d / 2 + r * d / 2
+
+
+def _observe_delivered(c: Any, outbox_id: int, now: float) -> None:
+    """When this row was the last of its job's results to be acknowledged: last instance -> delivered."""
+    job = c.execute(
+        "SELECT r.job_id, r.generation, j.model, s.last_received FROM outbox o JOIN result_objects r ON r.id = o.object_id"
+        " JOIN jobs j ON j.id = r.job_id JOIN series s ON s.series_uid = j.series_uid WHERE o.id = ?",
+        (outbox_id,),
+    ).fetchone()
+    if job is None:
+        return
+    left = c.execute(
+        "SELECT count(*) FROM outbox o JOIN result_objects r ON r.id = o.object_id"
+        " WHERE r.job_id = ? AND r.generation = ? AND o.state <> ?",
+        (job["job_id"], job["generation"], OutboxState.SENT),
+    ).fetchone()[0]
+    if left == 0:
+        histograms.observe(c, "time_to_result_seconds", histograms.WAIT, now - job["last_received"], job["model"])
 
 
 class Outbox:
@@ -78,6 +97,7 @@ class Outbox:
                 where={"id": row.id},
                 also={"attempts": Sql("attempts + 1"), "sent_at": now, "last_status": status, "last_error": None},
             ):
+                _observe_delivered(c, row.id, now)
                 settle_series(c, row.series_uid, now)
 
     def record_failure(
