@@ -394,6 +394,11 @@ class Supervisor:
             listeners_alive=sum(1 for p in self.listeners if p is not None and p.is_alive()),
             listeners=len(self.listeners),
             worker_alive=self.worker is not None and self.worker.is_alive(),
+            pids={
+                "supervisor": os.getpid(),
+                **{f"listener-{i}": p.pid for i, p in enumerate(self.listeners) if p is not None and p.is_alive()},
+                **({"worker": self.worker.pid} if self.worker is not None and self.worker.is_alive() else {}),
+            },
         )
 
     def _shut_down(self, store: Store, sock: socket.socket, *locks: Any) -> None:

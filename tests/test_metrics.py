@@ -157,6 +157,10 @@ def test_running_appliance_serves_metrics_and_health(appliance_factory: Any, tmp
     assert [s.value for s in fams["appliance_dicom_listeners_up"].samples] == [2]
     count = [s.value for s in fams["appliance_store_duration_seconds"].samples if s.name.endswith("_count")]
     assert count == [3], "every stored instance is one observation, whichever listener stored it"
+    roles = {s.labels["role"] for s in fams["appliance_process_resident_memory_bytes"].samples}
+    assert roles == {"supervisor", "listener-0", "listener-1", "worker"}, roles
+    results = {s.labels["result"]: s.value for s in fams["appliance_dicom_association_results"].samples}
+    assert results["accepted"] >= 1
     assert _get(base + "/healthz")[0] == 200
     status, body = _get(base + "/readyz")
     assert status == 200, body

@@ -29,6 +29,15 @@ CATALOGUE: tuple[Family, ...] = (
         "A model package routes can use, with the backend it last ran on (configured, before its first job).",
     ),
     Family("appliance_dicom_associations", "gauge", "", (), "DICOM associations open now, across all listeners."),
+    # Not "appliance_dicom_associations_total": in OpenMetrics that counter and the gauge above would be one
+    # family name twice, and Prometheus negotiates OpenMetrics first.
+    Family(
+        "appliance_dicom_association_results",
+        "counter",
+        "",
+        ("result",),
+        "Associations by result: accepted, released, aborted (or lost with a listener), rejected_<reason>.",
+    ),
     Family("appliance_dicom_listeners_up", "gauge", "", (), "Listener processes alive (of [dicom] listeners)."),
     Family(
         "appliance_dicom_instances_received",
@@ -80,6 +89,16 @@ CATALOGUE: tuple[Family, ...] = (
     Family("appliance_disk_free", "gauge", "bytes", ("path",), "Free bytes on the data filesystem."),
     Family("appliance_disk_reserve", "gauge", "bytes", (), "[storage] min_free_bytes: below it C-STOREs are refused."),
     Family("appliance_worker_up", "gauge", "", (), "1 while the inference worker process is alive."),
+    Family(
+        "appliance_process_cpu",
+        "counter",
+        "seconds",
+        ("role",),
+        "CPU time of each appliance process (supervisor, listener-N, worker); resets when that process restarts.",
+    ),
+    Family(
+        "appliance_process_resident_memory", "gauge", "bytes", ("role",), "Resident memory of each appliance process."
+    ),
     Family(
         "appliance_store_duration",
         "histogram",

@@ -8,10 +8,11 @@ they never go backwards while the appliance runs.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -42,6 +43,8 @@ class ProcessView:
     listeners_alive: int = 0
     listeners: int = 0
     worker_alive: bool = False
+    #: role (supervisor, listener-N, worker) -> pid of the process alive now
+    pids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class StoreCollector(Collector):
             yield from self._export(stats)
             yield from self._disk()
             yield from self._histograms(index)
+            yield from self._processes()
         finally:
             index.close()
 
@@ -129,6 +133,15 @@ class StoreCollector(Collector):
         g.add_metric([], view.listeners_alive)
         yield g
         counters = index.counters()
+        c = _counter("appliance_dicom_association_results")
+        ends = Stats(index).associations()
+        c.add_metric(["accepted"], sum(ends.values()))
+        c.add_metric(["released"], ends.get("released", 0))
+        c.add_metric(["aborted"], ends.get("aborted", 0) + ends.get("lost", 0))
+        for (name, label), value in sorted(counters.items()):
+            if name == "ingest_rejected_associations":
+                c.add_metric([f"rejected_{label}"], value)
+        yield c
         c = _counter("appliance_dicom_instances_received")
         for (name, label), value in sorted(counters.items()):
             if name == "ingest_instances":
@@ -205,6 +218,16 @@ class StoreCollector(Collector):
                 h.add_metric([label] if f.labels else [], [(le, float(n)) for le, n in hist.buckets], hist.sum_seconds)
             yield h
 
+    def _processes(self) -> Iterator[Metric]:
+        cpu, rss = _counter("appliance_process_cpu"), _gauge("appliance_process_resident_memory")
+        for role, pid in sorted(self.processes().pids.items()):
+            usage = proc_usage(pid)
+            if usage is not None:
+                cpu.add_metric([role], usage[0])
+                rss.add_metric([role], usage[1])
+        yield cpu
+        yield rss
+
     def _disk(self) -> Iterator[Metric]:
         g = _gauge("appliance_disk_free")
         try:
@@ -215,3 +238,21 @@ class StoreCollector(Collector):
         g = _gauge("appliance_disk_reserve")
         g.add_metric([], self.config.storage.min_free_bytes)
         yield g
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of ``pid`` from /proc; None when it is gone or /proc is absent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/statm") as f:
+            resident = int(f.read().split()[1])
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime, stime are fields 14, 15
+        utime, stime = int(fields[11]), int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (utime + stime) / _TICKS, resident * _PAGE

@@ -46,6 +46,13 @@ class Stats:
             )
         }
 
+    def associations(self) -> dict[str, int]:
+        """Accepted associations by how they ended (``open`` while they last)."""
+        return {
+            r[0] or "open": r[1]
+            for r in self.conn.execute("SELECT outcome, count(*) FROM associations GROUP BY outcome")
+        }
+
     def export_attempts(self) -> dict[tuple[str, bool], int]:
         """(destination, ok) -> attempts."""
         return {
