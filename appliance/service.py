@@ -30,6 +30,7 @@ from appliance.errors import ApplianceError
 from appliance.export import Sender
 from appliance.ingest.listener import DRAIN_SECONDS, run_listener
 from appliance.ingest.recovery import index_orphans
+from appliance.metrics import gpu
 from appliance.metrics.collect import ModelView, ProcessView
 from appliance.metrics.http import MetricsApp, MetricsServer
 from appliance.models.package import find_packages
@@ -167,6 +168,7 @@ class Supervisor:
         self._worker_due: float | None = None
         self._threads: list[tuple[threading.Thread, float]] = []
         self._metrics: MetricsServer | None = None
+        self._gpu: gpu.GpuSource | None = None
         self._packages: list[Any] = []
 
     def run(self) -> int:
@@ -368,8 +370,13 @@ class Supervisor:
         if not m.enabled:
             return
         self._packages = packages
+        self._gpu = gpu.detect()
         app = MetricsApp(
-            self.config, store, self.process_view, lambda: [ModelView(p.name, p.version) for p in self._packages]
+            self.config,
+            store,
+            self.process_view,
+            lambda: [ModelView(p.name, p.version) for p in self._packages],
+            self._gpu,
         )
         try:
             self._metrics = MetricsServer(app, m.bind, m.port)
@@ -405,6 +412,8 @@ class Supervisor:
         log.info("stopping")
         if self._metrics is not None:
             self._metrics.stop()
+        if self._gpu is not None:
+            self._gpu.close()
         self._stop_all([*self.listeners, self.worker])
         try:
             status_path(store.data_dir).unlink()

@@ -89,6 +89,12 @@ CATALOGUE: tuple[Family, ...] = (
     Family("appliance_disk_free", "gauge", "bytes", ("path",), "Free bytes on the data filesystem."),
     Family("appliance_disk_reserve", "gauge", "bytes", (), "[storage] min_free_bytes: below it C-STOREs are refused."),
     Family("appliance_worker_up", "gauge", "", (), "1 while the inference worker process is alive."),
+    Family("appliance_gpu_utilization", "gauge", "ratio", (), "GPU busy fraction (NVML, or GR3D on Jetson)."),
+    Family(
+        "appliance_gpu_memory_used", "gauge", "bytes", (), "GPU memory in use (NVML; absent on Jetson's shared memory)."
+    ),
+    Family("appliance_gpu_temperature", "gauge", "celsius", (), "GPU temperature."),
+    Family("appliance_gpu_power", "gauge", "watts", (), "GPU power draw (on Orin: the CPU+GPU+CV rail)."),
     Family(
         "appliance_process_cpu",
         "counter",

@@ -27,6 +27,7 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.ingest.status import StoreStatus
 from appliance.metrics.catalogue import BY_NAME, Family
+from appliance.metrics.gpu import GpuSource
 from appliance.store import Index, Store, histograms
 from appliance.store.states import OutboxState, SeriesState
 from appliance.store.stats import Stats
@@ -72,13 +73,19 @@ _STATUS_HEX = {s.name.lower(): f"0x{int(s):04X}" for s in StoreStatus}
 
 class StoreCollector(Collector):
     def __init__(
-        self, config: Config, store: Store, processes: Callable[[], ProcessView], models: Callable[[], list[ModelView]]
+        self,
+        config: Config,
+        store: Store,
+        processes: Callable[[], ProcessView],
+        models: Callable[[], list[ModelView]],
+        gpu: GpuSource | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.processes = processes
         self.models = models
         self.destinations = [d.name for d in config.destinations]
+        self.gpu = gpu
 
     def _dest(self, name: str) -> str:
         return name if name in self.destinations else OTHER
@@ -96,6 +103,7 @@ class StoreCollector(Collector):
             yield from self._disk()
             yield from self._histograms(index)
             yield from self._processes()
+            yield from self._gpu()
         finally:
             index.close()
 
@@ -217,6 +225,20 @@ class StoreCollector(Collector):
             for label, hist in sorted(histograms.read(counters, metric, buckets).items()):
                 h.add_metric([label] if f.labels else [], [(le, float(n)) for le, n in hist.buckets], hist.sum_seconds)
             yield h
+
+    def _gpu(self) -> Iterator[Metric]:
+        sample = self.gpu.sample() if self.gpu is not None else None
+        values = (
+            ("appliance_gpu_utilization", sample.utilization_ratio if sample else None),
+            ("appliance_gpu_memory_used", sample.memory_used_bytes if sample else None),
+            ("appliance_gpu_temperature", sample.temperature_celsius if sample else None),
+            ("appliance_gpu_power", sample.power_watts if sample else None),
+        )
+        for family, value in values:
+            g = _gauge(family)
+            if value is not None:  # absent, not zero, where the box cannot say
+                g.add_metric([], value)
+            yield g
 
     def _processes(self) -> Iterator[Metric]:
         cpu, rss = _counter("appliance_process_cpu"), _gauge("appliance_process_resident_memory")

@@ -21,6 +21,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from appliance.config import Config
 from appliance.metrics.collect import ModelView, ProcessView, StoreCollector
+from appliance.metrics.gpu import GpuSource
 from appliance.store import Store
 
 log = logging.getLogger("appliance.metrics")
@@ -40,14 +41,19 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsApp:
     def __init__(
-        self, config: Config, store: Store, processes: Callable[[], ProcessView], models: Callable[[], list[ModelView]]
+        self,
+        config: Config,
+        store: Store,
+        processes: Callable[[], ProcessView],
+        models: Callable[[], list[ModelView]],
+        gpu: GpuSource | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.processes = processes
         self.models = models
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(config, store, processes, models))
+        self.registry.register(StoreCollector(config, store, processes, models, gpu))
 
     # -- checks -------------------------------------------------------------------------------------
 
