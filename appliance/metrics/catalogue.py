@@ -88,6 +88,13 @@ CATALOGUE: tuple[Family, ...] = (
     ),
     Family("appliance_disk_free", "gauge", "bytes", ("path",), "Free bytes on the data filesystem."),
     Family("appliance_disk_reserve", "gauge", "bytes", (), "[storage] min_free_bytes: below it C-STOREs are refused."),
+    Family(
+        "appliance_ready",
+        "gauge",
+        "",
+        ("check",),
+        "Each /readyz check (store, listeners, worker, models, disk): 1 passing, 0 failing.",
+    ),
     Family("appliance_worker_up", "gauge", "", (), "1 while the inference worker process is alive."),
     Family("appliance_gpu_utilization", "gauge", "ratio", (), "GPU busy fraction (NVML, or GR3D on Jetson)."),
     Family(

@@ -49,6 +49,13 @@ class ProcessView:
 
 
 @dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class ModelView:
     name: str
     version: str
@@ -79,6 +86,7 @@ class StoreCollector(Collector):
         processes: Callable[[], ProcessView],
         models: Callable[[], list[ModelView]],
         gpu: GpuSource | None = None,
+        checks: Callable[[], list[Check]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -86,6 +94,7 @@ class StoreCollector(Collector):
         self.models = models
         self.destinations = [d.name for d in config.destinations]
         self.gpu = gpu
+        self.checks = checks
 
     def _dest(self, name: str) -> str:
         return name if name in self.destinations else OTHER
@@ -104,6 +113,7 @@ class StoreCollector(Collector):
             yield from self._histograms(index)
             yield from self._processes()
             yield from self._gpu()
+            yield self._ready()
         finally:
             index.close()
 
@@ -225,6 +235,12 @@ class StoreCollector(Collector):
             for label, hist in sorted(histograms.read(counters, metric, buckets).items()):
                 h.add_metric([label] if f.labels else [], [(le, float(n)) for le, n in hist.buckets], hist.sum_seconds)
             yield h
+
+    def _ready(self) -> Metric:
+        g = _gauge("appliance_ready")
+        for check in self.checks() if self.checks is not None else []:
+            g.add_metric([check.name], 1 if check.ok else 0)
+        return g
 
     def _gpu(self) -> Iterator[Metric]:
         sample = self.gpu.sample() if self.gpu is not None else None

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -20,18 +19,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from appliance.config import Config
-from appliance.metrics.collect import ModelView, ProcessView, StoreCollector
+from appliance.metrics.collect import Check, ModelView, ProcessView, StoreCollector
 from appliance.metrics.gpu import GpuSource
 from appliance.store import Store
 
 log = logging.getLogger("appliance.metrics")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    reason: str = ""
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -53,7 +45,7 @@ class MetricsApp:
         self.processes = processes
         self.models = models
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(config, store, processes, models, gpu))
+        self.registry.register(StoreCollector(config, store, processes, models, gpu, checks=self.checks))
 
     # -- checks -------------------------------------------------------------------------------------
 
