@@ -440,7 +440,64 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-dead", action="store_true", help="every dead row")
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.set_defaults(func=cmd_outbox_retry)
+    p = sub.add_parser(
+        "fleet",
+        help="what a vendor loads into their own monitoring (Prometheus rules, tests, Grafana dashboards)",
+        description="Files for monitoring a fleet of appliances with Prometheus and Grafana.",
+    )
+    fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    q = fsub.add_parser(
+        "kit",
+        help="write alerting/recording rules, their promtool tests, dashboards and Prometheus examples",
+        description="Write the fleet kit into DIR: appliance.rules.yml (alerts with severity and a runbook line, "
+        "recording rules), appliance.rules.test.yml (promtool test rules), dashboards/ (Grafana, one box and "
+        "the fleet), prometheus/ (scraping with site/device labels, agent mode with remote_write, federation).",
+    )
+    q.add_argument("dir", metavar="DIR", help="folder to write (created)")
+    q.add_argument(
+        "--clinic-hours",
+        default="7-19",
+        metavar="FROM-TO",
+        help="UTC hours in which receiving nothing for 2 h is an alert (default 7-19)",
+    )
+    q.add_argument(
+        "--time-to-result-target",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="p95 of last instance to results at PACS above this is an alert (default 600)",
+    )
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_fleet_kit)
+
     return parser
+
+
+def cmd_fleet_kit(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.metrics.kit import KitOptions, write_kit
+
+    try:
+        lo, hi = (int(x) for x in args.clinic_hours.split("-"))
+        if not 0 <= lo < hi <= 24:
+            raise ValueError
+    except ValueError:
+        print(
+            f"appliance fleet kit: --clinic-hours must be FROM-TO in whole hours (UTC), e.g. 7-19, not "
+            f"{args.clinic_hours!r}",
+            file=sys.stderr,
+        )
+        return 2
+    opts = KitOptions(clinic_hours=(lo, hi), time_to_result_target_seconds=args.time_to_result_target)
+    out = Path(args.dir)
+    files = write_kit(out, opts)
+    print(f"fleet kit for appliance {__version__} in {out}: " + ", ".join(str(f.relative_to(out)) for f in files))
+    print(
+        f"check it: cd {out} && promtool check rules appliance.rules.yml && promtool test rules "
+        "appliance.rules.test.yml && promtool check config prometheus/scrape.yml"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
