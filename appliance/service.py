@@ -410,11 +410,11 @@ class Supervisor:
 
     def _shut_down(self, store: Store, sock: socket.socket, *locks: Any) -> None:
         log.info("stopping")
+        self._stop_all([*self.listeners, self.worker])  # reception first: nothing may delay it
         if self._metrics is not None:
             self._metrics.stop()
         if self._gpu is not None:
             self._gpu.close()
-        self._stop_all([*self.listeners, self.worker])
         try:
             status_path(store.data_dir).unlink()
         except OSError:
