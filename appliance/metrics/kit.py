@@ -487,8 +487,8 @@ SCRAPE = f"""# Scraping boxes: one target per box; site and device are target la
 global:
   scrape_interval: 15s
   evaluation_interval: 15s
-rule_files:
-  - ../appliance.rules.yml         # relative to this file: the kit's rules
+# Load the kit's rules by adding ../appliance.rules.yml (relative to this file) to the rule files; they are
+# kept out of this example so that it also serves a Prometheus that only scrapes.
 scrape_configs:
   - job_name: {JOB}
     metrics_path: /metrics
