@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import subprocess
 import time
 import urllib.parse
@@ -117,3 +118,17 @@ scrape_configs:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.slow
+def test_fleet_simulation_runs_end_to_end(tmp_path: Path) -> None:
+    """The fleet benchmark at toy size: simulated boxes up in a real Prometheus with the kit's rules evaluated."""
+    _tool("prometheus")
+    out = tmp_path / "fleet.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "fleet_sim.py"),
+                        "--boxes", "4", "--reference-boxes", "2", "--interval", "1", "--minutes", "0.2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["fleet"]["targets_up"] == 4 and result["fleet"]["rule_eval_s_max"] is not None
+    assert result["fleet"]["head_series"] > result["reference"]["head_series"]

@@ -65,12 +65,12 @@ def _family(name: str) -> Family:
     return BY_NAME[name]
 
 
-def _gauge(name: str) -> GaugeMetricFamily:
+def gauge_family(name: str) -> GaugeMetricFamily:
     f = _family(name)
     return GaugeMetricFamily(f.name + (f"_{f.unit}" if f.unit else ""), f.help, labels=list(f.labels), unit=f.unit)
 
 
-def _counter(name: str) -> CounterMetricFamily:
+def counter_family(name: str) -> CounterMetricFamily:
     f = _family(name)
     return CounterMetricFamily(f.name + (f"_{f.unit}" if f.unit else ""), f.help, labels=list(f.labels), unit=f.unit)
 
@@ -144,14 +144,14 @@ class StoreCollector(Collector):
 
     def _dicom(self, index: Index) -> Iterator[Metric]:
         view = self.processes()
-        g = _gauge("appliance_dicom_associations")
+        g = gauge_family("appliance_dicom_associations")
         g.add_metric([], view.open_associations)
         yield g
-        g = _gauge("appliance_dicom_listeners_up")
+        g = gauge_family("appliance_dicom_listeners_up")
         g.add_metric([], view.listeners_alive)
         yield g
         counters = index.counters()
-        c = _counter("appliance_dicom_association_results")
+        c = counter_family("appliance_dicom_association_results")
         ends = Stats(index).associations()
         c.add_metric(["accepted"], sum(ends.values()))
         c.add_metric(["released"], ends.get("released", 0))
@@ -160,20 +160,20 @@ class StoreCollector(Collector):
             if name == "ingest_rejected_associations":
                 c.add_metric([f"rejected_{label}"], value)
         yield c
-        c = _counter("appliance_dicom_instances_received")
+        c = counter_family("appliance_dicom_instances_received")
         for (name, label), value in sorted(counters.items()):
             if name == "ingest_instances":
                 c.add_metric([label], value)
         yield c
-        c = _counter("appliance_dicom_received")
+        c = counter_family("appliance_dicom_received")
         c.add_metric([], counters.get(("ingest_bytes", ""), 0))
         yield c
-        c = _counter("appliance_dicom_store_failures")
+        c = counter_family("appliance_dicom_store_failures")
         for (name, label), value in sorted(counters.items()):
             if name == "ingest_rejected_instances":
                 c.add_metric([_STATUS_HEX.get(label, OTHER)], value)
         yield c
-        c = _counter("appliance_dicom_protocol_errors")
+        c = counter_family("appliance_dicom_protocol_errors")
         for (name, label), value in sorted(counters.items()):
             if name == "ingest_protocol_errors":
                 c.add_metric([label], value)
@@ -181,19 +181,19 @@ class StoreCollector(Collector):
 
     def _pipeline(self, stats: Stats) -> Iterator[Metric]:
         counts = stats.series_by_state()
-        g = _gauge("appliance_series")
+        g = gauge_family("appliance_series")
         for state in SeriesState:
             g.add_metric([str(state)], counts.get(str(state), 0))
         yield g
-        g = _gauge("appliance_queue_depth")
+        g = gauge_family("appliance_queue_depth")
         for prio, n in sorted(stats.queued_by_priority().items()):
             g.add_metric([str(prio)], n)
         yield g
-        c = _counter("appliance_jobs")
+        c = counter_family("appliance_jobs")
         for (model, result), n in sorted(stats.jobs_finished().items()):
             c.add_metric([model, result], n)
         yield c
-        g = _gauge("appliance_worker_up")
+        g = gauge_family("appliance_worker_up")
         g.add_metric([], 1 if self.processes().worker_alive else 0)
         yield g
 
@@ -202,16 +202,16 @@ class StoreCollector(Collector):
         for (dest, ok), n in stats.export_attempts().items():
             key = (self._dest(dest), "ok" if ok else "failed")
             attempts[key] = attempts.get(key, 0) + n
-        c = _counter("appliance_export_attempts")
+        c = counter_family("appliance_export_attempts")
         for (dest, result), n in sorted(attempts.items()):
             c.add_metric([dest, result], n)
         yield c
         rows = {(self._dest(d), s): v for (d, s), v in stats.outbox_waiting().items()}
         now = time.time()
         pending, dead, age = (
-            _gauge("appliance_outbox_pending"),
-            _gauge("appliance_outbox_dead"),
-            _gauge("appliance_export_oldest_pending"),
+            gauge_family("appliance_outbox_pending"),
+            gauge_family("appliance_outbox_dead"),
+            gauge_family("appliance_export_oldest_pending"),
         )
         for dest in self.destinations:
             n, oldest = rows.get((dest, OutboxState.PENDING), (0, None))
@@ -237,7 +237,7 @@ class StoreCollector(Collector):
             yield h
 
     def _ready(self) -> Metric:
-        g = _gauge("appliance_ready")
+        g = gauge_family("appliance_ready")
         for check in self.checks() if self.checks is not None else []:
             g.add_metric([check.name], 1 if check.ok else 0)
         return g
@@ -251,13 +251,13 @@ class StoreCollector(Collector):
             ("appliance_gpu_power", sample.power_watts if sample else None),
         )
         for family, value in values:
-            g = _gauge(family)
+            g = gauge_family(family)
             if value is not None:  # absent, not zero, where the box cannot say
                 g.add_metric([], value)
             yield g
 
     def _processes(self) -> Iterator[Metric]:
-        cpu, rss = _counter("appliance_process_cpu"), _gauge("appliance_process_resident_memory")
+        cpu, rss = counter_family("appliance_process_cpu"), gauge_family("appliance_process_resident_memory")
         for role, pid in sorted(self.processes().pids.items()):
             usage = proc_usage(pid)
             if usage is not None:
@@ -267,13 +267,13 @@ class StoreCollector(Collector):
         yield rss
 
     def _disk(self) -> Iterator[Metric]:
-        g = _gauge("appliance_disk_free")
+        g = gauge_family("appliance_disk_free")
         try:
             g.add_metric(["data_dir"], self.store.spool.free_bytes())
         except OSError:
             pass  # absent, not zero: the filesystem cannot be asked
         yield g
-        g = _gauge("appliance_disk_reserve")
+        g = gauge_family("appliance_disk_reserve")
         g.add_metric([], self.config.storage.min_free_bytes)
         yield g
 
