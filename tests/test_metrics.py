@@ -191,3 +191,60 @@ def test_latency_histograms_follow_the_work(tmp_path: Path) -> None:
     assert res[("appliance_time_to_result_seconds_count", (("model", "liver-ct-demo"),))] == 1
     buckets = [v for (n, lab), v in res.items() if n.endswith("_bucket")]
     assert buckets == sorted(buckets), "cumulative buckets"
+
+
+def _worker_pid(app: Any) -> int | None:
+    import subprocess
+
+    from conftest import appliance_exe
+
+    r = subprocess.run([appliance_exe(), "status", "--json", "--config", str(app.config_path)], capture_output=True,
+                       text=True, timeout=30)
+    data = json.loads(r.stdout) if r.stdout.strip() else {}
+    return data.get("worker_pid") if data.get("worker_alive") else None
+
+
+@pytest.mark.slow
+def test_readyz_turns_503_while_the_worker_is_down_and_back_after(appliance_factory: Any) -> None:
+    import os
+    import signal
+
+    app = appliance_factory()
+    base = f"http://127.0.0.1:{app.metrics_port}"
+
+    def wait_pid(other: int | None) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid = _worker_pid(app)
+            if pid is not None and pid != other:
+                return pid
+            time.sleep(0.1)
+        raise AssertionError("no worker came up")
+
+    first = wait_pid(None)
+    os.kill(first, signal.SIGKILL)  # the first death is restarted at once
+    second = wait_pid(first)
+    os.kill(second, signal.SIGKILL)  # the second waits a second: the box is not ready meanwhile
+    seen = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, body = _get(base + "/readyz")
+        if status == 503:
+            seen = json.loads(body)
+            break
+        time.sleep(0.02)
+    assert seen is not None, "never saw /readyz 503 while the worker was down"
+    assert seen["checks"]["worker"]["ok"] is False and "worker" in seen["checks"]["worker"]["reason"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _get(base + "/readyz")[0] != 200:
+        time.sleep(0.2)
+    assert _get(base + "/readyz")[0] == 200, "ready again once the worker is back"
+
+
+@pytest.mark.slow
+def test_readyz_says_the_disk_is_below_the_reserve(appliance_factory: Any) -> None:
+    app = appliance_factory(storage={"min_free_bytes": 10 ** 18})
+    status, body = _get(f"http://127.0.0.1:{app.metrics_port}/readyz")
+    assert status == 503
+    checks = json.loads(body)["checks"]
+    assert not checks["disk"]["ok"] and "reserve" in checks["disk"]["reason"] and checks["store"]["ok"]
