@@ -1,7 +1,7 @@
 """Edge inference appliance for clinics.
 
 Pipeline stages (``ingest``, ``assemble``, ``route``, ``infer`` and ``results`` in the ``worker``, ``export``,
-``retention``) talk only through the durable ``store``; ``service`` supervises them and ``cli`` is the command.
+``retention``, ``metrics``) talk only through the durable ``store``; ``service`` supervises them and ``cli`` is the command.
 Below them all: ``models`` (packages and manifests), ``store``, and small foundations (``errors``, ``fsio``,
 ``validation``, ``dicomio``, ``logs``, ``status``). ``tests/test_layers.py`` keeps the dependencies pointing
 down.

@@ -105,6 +105,24 @@ class AssembleConfig(_Section):
     poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class DeviceConfig(_Section):
+    """What this box is called in a fleet: shown on ``appliance_build_info`` (one series), not on every metric;
+    a fleet's Prometheus adds them as target labels (see the fleet kit's scrape example)."""
+
+    id: str = ""
+    site: str = ""
+
+    @field_validator("id", "site")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value and not _NAME_RE.match(value):
+            raise ValueError(f"{value!r}: use 1-64 letters, digits, '.', '_' or '-' (a metric label value)")
+        return value
+
+
 class MetricsConfig(_Section):
     """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, for Prometheus and load balancers."""
 
@@ -230,6 +248,7 @@ class Config(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=lambda: list(DEFAULT_ROUTES))
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

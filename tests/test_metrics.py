@@ -248,3 +248,42 @@ def test_readyz_says_the_disk_is_below_the_reserve(appliance_factory: Any) -> No
     assert status == 503
     checks = json.loads(body)["checks"]
     assert not checks["disk"]["ok"] and "reserve" in checks["disk"]["reason"] and checks["store"]["ok"]
+
+
+def test_device_and_site_are_on_the_build_info_only(tmp_path: Path) -> None:
+    config = parse_config({"device": {"id": "box-0042", "site": "clinic-a"}})
+    fams = _families(_scrape(_app(Store.open(tmp_path), config))[2].decode())
+    build = [s.labels for s in fams["appliance_build_info"].samples][0]
+    assert (build["device_id"], build["site_id"]) == ("box-0042", "clinic-a")
+    others = [s for name, f in fams.items() if name != "appliance_build_info" for s in f.samples]
+    assert not [s for s in others if "device_id" in s.labels or "site_id" in s.labels]
+
+
+def test_a_device_name_that_is_no_label_value_is_refused() -> None:
+    from appliance.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"device\.id"):
+        parse_config({"device": {"id": 'box "1"\n'}})
+
+
+@pytest.mark.slow
+def test_hostile_header_values_never_become_labels(appliance_factory: Any, tmp_path: Path) -> None:
+    import pydicom
+
+    app = appliance_factory()
+    made = make_series(tmp_path / "s", 3)
+    for inst, modality in zip(made, ['CT" } evil{x="1', "\u00e9\u00e9" * 8, "MR"], strict=True):
+        ds = pydicom.dcmread(inst.path)
+        ds.Modality = modality
+        ds.PatientName = "Hostile^Patient"
+        ds.BodyPartExamined = "LIVER\n# HELP fake"
+        ds.save_as(inst.path)
+    res = run_storescu(app, tmp_path / "s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    status, body = _get(f"http://127.0.0.1:{app.metrics_port}/metrics")
+    assert status == 200
+    fams = _families(body.decode())  # still parses: nothing a sender wrote reached the exposition's syntax
+    labels = {v for f in fams.values() for s in f.samples for v in s.labels.values()}
+    assert not [v for v in labels if UID_LIKE.match(v) or "Hostile" in v or "evil" in v or "HELP" in v]
+    modality = {s.labels["modality"]: s.value for s in fams["appliance_dicom_instances_received"].samples}
+    assert modality == {"other": 2, "MR": 1}

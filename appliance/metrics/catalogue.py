@@ -20,7 +20,13 @@ class Family:
 
 
 CATALOGUE: tuple[Family, ...] = (
-    Family("appliance_build", "info", "", ("version", "platform"), "The appliance's version and platform."),
+    Family(
+        "appliance_build",
+        "info",
+        "",
+        ("version", "platform", "device_id", "site_id"),
+        "The appliance's version and platform, and [device] id and site (empty until configured; not named device/site, the fleet's target labels).",
+    ),
     Family(
         "appliance_model",
         "info",

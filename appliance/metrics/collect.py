@@ -120,7 +120,16 @@ class StoreCollector(Collector):
     def _build(self) -> Metric:
         f = _family("appliance_build")
         m = InfoMetricFamily(f.name, f.help, labels=[])
-        m.add_metric([], {"version": __version__, "platform": f"{platform.system().lower()}-{platform.machine()}"})
+        d = self.config.device
+        m.add_metric(
+            [],
+            {
+                "version": __version__,
+                "platform": f"{platform.system().lower()}-{platform.machine()}",
+                "device_id": d.id,
+                "site_id": d.site,
+            },
+        )
         return m
 
     def _model_info(self, stats: Stats) -> Metric:
