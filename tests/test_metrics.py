@@ -287,3 +287,37 @@ def test_hostile_header_values_never_become_labels(appliance_factory: Any, tmp_p
     assert not [v for v in labels if UID_LIKE.match(v) or "Hostile" in v or "evil" in v or "HELP" in v]
     modality = {s.labels["modality"]: s.value for s in fams["appliance_dicom_instances_received"].samples}
     assert modality == {"other": 2, "MR": 1}
+
+
+def test_three_models_and_five_destinations_stay_under_300_series(tmp_path: Path) -> None:
+    dests = [f"pacs{i}" for i in range(5)]
+    models = ["liver-ct-demo", "lung-ct", "brain-mr"]
+    config = parse_config({"destinations": [{"name": d, "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+                                            for d in dests], "storage": {"min_free_bytes": 0}})
+    store = Store.open(tmp_path)
+    jobs, ob = JobQueue(store.index), Outbox(store.index)
+    for n, model in enumerate(models):
+        uid = f"1.2.3.7.{n}"
+        store.index.add_instance(InstanceRecord(f"{uid}.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", uid,
+                                                "1.2.840.10008.1.2.1", f"q{n}", 100, modality="CT"), None,
+                                 store_seconds=0.003)
+        store.index.complete_quiet_series(time.time() + 60, 5.0, 0.5)
+        jobs.queue_jobs(uid, [(model, n, ["r"], dests)])
+        job = jobs.claim(1)
+        assert job is not None
+        jobs.finish(job, ok=True, reason="done", backend="onnxruntime", device="cpu", precision="fp32",
+                    timings={s: 0.5 for s in ("decode", "preprocess", "infer", "postprocess", "measure", "results")},
+                    objects=[NewObject(k, "1.2.840.10008.5.1.4.1.1.66.4", f"1.2.9.{n}.{k}", "1.2.9", "r/x")
+                             for k in ("SEG", "SR", "SC")])
+    for i, row in enumerate(ob.due()):
+        if i % 2:
+            ob.record_sent(row, "0x0000")
+        else:
+            ob.record_failure(row, "refused", "0xA700", max_attempts=1, base=1.0, cap=1.0)
+    app = MetricsApp(config, store, lambda: ProcessView(3, 4, 4, True, {"supervisor": 1}),
+                     lambda: [ModelView(m, "1.0.0") for m in models])
+    fams = _families(_scrape(app)[2].decode())
+    total = sum(len(f.samples) for f in fams.values())
+    assert total <= 300, total  # ~2xx with these; the limit a fleet plans its Prometheus with
+    dead = {s.labels["destination"] for s in fams["appliance_outbox_dead"].samples}
+    assert dead == set(dests)
