@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-import pynetdicom
 from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
@@ -624,22 +623,9 @@ def guard_pynetdicom(limits: Limits) -> bool:
     _limits = limits
     if _applied:
         return True
-    if pynetdicom.__version__ != GUARDED_VERSION:
-        log.error(
-            "pynetdicom %s is not the guarded version %s: PDU sizes are NOT bounded; install the pinned version",
-            pynetdicom.__version__,
-            GUARDED_VERSION,
-        )
-        return False
-    changed = pins.mismatches(pins.GUARD)
-    if changed:
-        log.error(
-            "pynetdicom %s differs from the source the bounds were written against (%s): PDU sizes are NOT "
-            "bounded; reinstall pynetdicom==%s",
-            pynetdicom.__version__,
-            ", ".join(changed),
-            GUARDED_VERSION,
-        )
+    why = pins.refusal(pins.GUARD, GUARDED_VERSION)
+    if why is not None:
+        log.error("%s: PDU sizes are NOT bounded; reinstall pynetdicom==%s", why, GUARDED_VERSION)
         return False
     from pynetdicom import fsm as _fsm
 

@@ -70,6 +70,19 @@ def mismatches(names: tuple[str, ...], pinned: dict[str, str] | None = None) -> 
     return out
 
 
+def refusal(names: tuple[str, ...], version: str) -> str | None:
+    """Why the patches of ``names`` must not be applied here (None: they may): the installed pynetdicom is not
+    ``version``, or one of the callables differs from the source they were written against."""
+    import pynetdicom
+
+    if pynetdicom.__version__ != version:
+        return f"pynetdicom {pynetdicom.__version__} is not the pinned version {version}"
+    changed = mismatches(names)
+    if changed:
+        return f"pynetdicom {version} differs from the source they were written against ({', '.join(changed)})"
+    return None
+
+
 if __name__ == "__main__":  # print the table for the installed pynetdicom
     for key in PINNED:
         print(f'    "{key}": "{source_hash(key)}",')

@@ -38,7 +38,6 @@ import threading
 import time
 from typing import Any
 
-import pynetdicom
 from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
@@ -158,21 +157,9 @@ def tune_pynetdicom() -> bool:
     if os.environ.get("APPLIANCE_PYNETDICOM_TUNING", "1") == "0":
         log.info("pynetdicom tuning disabled by APPLIANCE_PYNETDICOM_TUNING=0")
         return False
-    if pynetdicom.__version__ != TUNED_VERSION:
-        log.warning(
-            "pynetdicom %s is not the tuned version %s: running it unmodified (slower ingest)",
-            pynetdicom.__version__,
-            TUNED_VERSION,
-        )
-        return False
-    changed = pins.mismatches(pins.TUNING)
-    if changed:
-        log.warning(
-            "pynetdicom %s differs from the source the tuning was written against (%s): running it "
-            "unmodified (slower ingest)",
-            pynetdicom.__version__,
-            ", ".join(changed),
-        )
+    why = pins.refusal(pins.TUNING, TUNED_VERSION)
+    if why is not None:
+        log.warning("%s: running it unmodified (slower ingest)", why)
         return False
     global _REACTOR_LOOPS
     _REACTOR_LOOPS = frozenset(

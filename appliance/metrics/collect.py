@@ -103,15 +103,16 @@ class StoreCollector(Collector):
         # A read-only connection per scrape: the HTTP server answers each request on a thread of its own.
         index = Index(self.store.index.db_path, readonly=True)
         try:
-            stats = Stats(index)
+            # One read of each source per scrape, shared by every family that needs it.
+            stats, counters, view = Stats(index), index.counters(), self.processes()
             yield self._build()
             yield self._model_info(stats)
-            yield from self._dicom(index)
-            yield from self._pipeline(stats)
+            yield from self._dicom(stats, counters, view)
+            yield from self._pipeline(stats, view)
             yield from self._export(stats)
             yield from self._disk()
-            yield from self._histograms(index)
-            yield from self._processes()
+            yield from self._histograms(counters)
+            yield from self._processes(view)
             yield from self._gpu()
             yield self._ready()
         finally:
@@ -151,17 +152,15 @@ class StoreCollector(Collector):
             )
         return m
 
-    def _dicom(self, index: Index) -> Iterator[Metric]:
-        view = self.processes()
+    def _dicom(self, stats: Stats, counters: dict[tuple[str, str], int], view: ProcessView) -> Iterator[Metric]:
         g = gauge_family("appliance_dicom_associations")
         g.add_metric([], view.open_associations)
         yield g
         g = gauge_family("appliance_dicom_listeners_up")
         g.add_metric([], view.listeners_alive)
         yield g
-        counters = index.counters()
         c = counter_family("appliance_dicom_association_results")
-        ends = Stats(index).associations()
+        ends = stats.associations()
         c.add_metric(["accepted"], sum(ends.values()))
         c.add_metric(["released"], ends.get("released", 0))
         c.add_metric(["aborted"], ends.get("aborted", 0) + ends.get("lost", 0))
@@ -188,7 +187,7 @@ class StoreCollector(Collector):
                 c.add_metric([label], value)
         yield c
 
-    def _pipeline(self, stats: Stats) -> Iterator[Metric]:
+    def _pipeline(self, stats: Stats, view: ProcessView) -> Iterator[Metric]:
         counts = stats.series_by_state()
         g = gauge_family("appliance_series")
         for state in SeriesState:
@@ -203,7 +202,7 @@ class StoreCollector(Collector):
             c.add_metric([model, result], n)
         yield c
         g = gauge_family("appliance_worker_up")
-        g.add_metric([], 1 if self.processes().worker_alive else 0)
+        g.add_metric([], 1 if view.worker_alive else 0)
         yield g
 
     def _export(self, stats: Stats) -> Iterator[Metric]:
@@ -231,8 +230,7 @@ class StoreCollector(Collector):
         yield dead
         yield age
 
-    def _histograms(self, index: Index) -> Iterator[Metric]:
-        counters = index.counters()
+    def _histograms(self, counters: dict[tuple[str, str], int]) -> Iterator[Metric]:
         for family, metric, buckets in (
             ("appliance_store_duration", "store_seconds", histograms.STORE),
             ("appliance_stage_duration", "stage_duration_seconds", histograms.STAGE),
@@ -265,9 +263,9 @@ class StoreCollector(Collector):
                 g.add_metric([], value)
             yield g
 
-    def _processes(self) -> Iterator[Metric]:
+    def _processes(self, view: ProcessView) -> Iterator[Metric]:
         cpu, rss = counter_family("appliance_process_cpu"), gauge_family("appliance_process_resident_memory")
-        for role, pid in sorted(self.processes().pids.items()):
+        for role, pid in sorted(view.pids.items()):
             usage = proc_usage(pid)
             if usage is not None:
                 cpu.add_metric([role], usage[0])

@@ -160,20 +160,8 @@ class Index:
         try:
             _touch_series(conn, rec, now, "late instance re-opened the series")
             cur = conn.execute(
-                "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
-                " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(sop_instance_uid) DO NOTHING",
-                (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
-                    rec.series_uid,
-                    rec.study_uid,
-                    rec.transfer_syntax,
-                    rec.path,
-                    rec.size,
-                    now,
-                    association_id,
-                ),
+                _INSERT_INSTANCE + " ON CONFLICT(sop_instance_uid) DO NOTHING",
+                _instance_row(rec, now, association_id),
             )
             if cur.rowcount == 0:
                 # Lost a race with the same instance on another association: undo the series touch.
@@ -245,23 +233,12 @@ class Index:
                     )
             _touch_series(conn, rec, now, reason)
             conn.execute(
-                "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
-                " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid,"
+                _INSERT_INSTANCE
+                + " ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid,"
                 "  series_uid = excluded.series_uid, study_uid = excluded.study_uid,"
                 "  transfer_syntax = excluded.transfer_syntax, path = excluded.path, size = excluded.size,"
                 "  received_at = excluded.received_at, association_id = excluded.association_id",
-                (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
-                    rec.series_uid,
-                    rec.study_uid,
-                    rec.transfer_syntax,
-                    rec.path,
-                    rec.size,
-                    now,
-                    association_id,
-                ),
+                _instance_row(rec, now, association_id),
             )
             if association_id is not None:
                 conn.execute(
@@ -387,6 +364,27 @@ class Index:
             (series_uid,),
         ).fetchall()
         return [dict(r) for r in rows]
+
+
+#: An instance row; the caller adds what happens when the SOP Instance UID is indexed already.
+_INSERT_INSTANCE = (
+    "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_uid, study_uid, transfer_syntax,"
+    " path, size, received_at, association_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _instance_row(rec: InstanceRecord, now: float, association_id: str | None) -> tuple[object, ...]:
+    return (
+        rec.sop_instance_uid,
+        rec.sop_class_uid,
+        rec.series_uid,
+        rec.study_uid,
+        rec.transfer_syntax,
+        rec.path,
+        rec.size,
+        now,
+        association_id,
+    )
 
 
 def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reopen_reason: str) -> None:
