@@ -314,6 +314,123 @@ def cmd_outbox_retry(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if n or args.all_dead else 1
 
 
+def _read_password(name: str) -> str:
+    """From the terminal (asked twice, not echoed) or, when stdin is not a terminal, two lines of stdin."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"password for {name}: ")
+        second = getpass.getpass("again: ")
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+        second = sys.stdin.readline().rstrip("\r\n")
+    if first != second:
+        from appliance.store.users import UserError
+
+        raise UserError("the two passwords differ; nothing was changed")
+    return first
+
+
+def _users(cfg: Config) -> Any:
+    from appliance.store import Store
+    from appliance.store.users import Users
+
+    return Users(Store.open(cfg.storage.data_dir).index)
+
+
+def _audit_cli(cfg: Config, action: str, target: str, detail: str | None = None) -> None:
+    import getpass
+
+    from appliance.store import Store
+    from appliance.store.users import Audit
+
+    try:
+        who = f"{getpass.getuser()} (shell)"
+    except (KeyError, OSError):
+        who = "shell"
+    Audit(Store.open(cfg.storage.data_dir).index).record(
+        action, username=who, address="local", target=target, detail=detail
+    )
+
+
+def cmd_users_add(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.store.users import check_name, check_role
+
+    check_name(args.name)
+    check_role(args.role)
+    u = _users(cfg).add(args.name, args.role, _read_password(args.name), args.language)
+    _audit_cli(cfg, "user_add", u.name, f"role={u.role}")
+    print(f"user {u.name} added with role {u.role}; log in at the panel (port {cfg.panel.port})")
+    return 0
+
+
+def cmd_users_list(cfg: Config, args: argparse.Namespace) -> int:
+    users = _users(cfg)
+    rows = users.list()
+    if args.json:
+        print(
+            json.dumps([{"name": u.name, "role": u.role, "language": u.language, "disabled": u.disabled} for u in rows])
+        )
+        return 0
+    for u in rows:
+        print(f"{u.name:24} {u.role:11} {'disabled' if u.disabled else 'active':9} {u.language or 'browser'}")
+    for lk in users.lockouts():
+        print(f"locked {lk['kind']} {lk['key']} until {_iso(lk['until'])}")
+    if not rows:
+        print("no users: add the first admin with 'appliance users add NAME --role admin'")
+    return 0
+
+
+def cmd_users_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    _users(cfg).update(args.name, password=_read_password(args.name))
+    _audit_cli(cfg, "user_change", args.name, "password reset")
+    print(f"password of {args.name} changed")
+    return 0
+
+
+def cmd_users_set(cfg: Config, args: argparse.Namespace) -> int:
+    disabled = True if args.disable else False if args.enable else None
+    language: Any = False if args.language is None else (None if args.language == "browser" else args.language)
+    _users(cfg).update(args.name, role=args.role, disabled=disabled, language=language)
+    _audit_cli(cfg, "user_change", args.name, f"role={args.role} disabled={disabled} language={args.language}")
+    print(f"user {args.name} changed")
+    return 0
+
+
+def cmd_users_remove(cfg: Config, args: argparse.Namespace) -> int:
+    _users(cfg).remove(args.name)
+    _audit_cli(cfg, "user_remove", args.name)
+    print(f"user {args.name} removed")
+    return 0
+
+
+def cmd_users_unlock(cfg: Config, args: argparse.Namespace) -> int:
+    kind, key = ("address", args.address) if args.address else ("account", args.name)
+    if not key:
+        print("appliance users unlock: name the account, or --address ADDR", file=sys.stderr)
+        return 2
+    if _users(cfg).unlock(kind, key):
+        _audit_cli(cfg, "unlock", f"{kind}:{key}")
+        print(f"{kind} {key} unlocked")
+        return 0
+    print(f"{kind} {key} was not locked")
+    return 1
+
+
+def cmd_panel(cfg: Config, args: argparse.Namespace) -> int:
+    from appliance.panel.server import PanelServer
+    from appliance.store import Store
+
+    if args.port:
+        cfg.panel.port = args.port
+    server = PanelServer(cfg, Store.open(cfg.storage.data_dir))
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -469,6 +586,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     q.set_defaults(func=cmd_fleet_kit)
+
+    p = sub.add_parser(
+        "users",
+        help="panel accounts: add, list, change, remove, unlock",
+        description="Accounts of the technician panel. None ships: add the first admin here. Passwords are "
+        "asked at the terminal, or read from stdin (two lines, the password twice) when it is not one.",
+    )
+    usub = p.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    from appliance.store.users import LANGUAGES, ROLES
+
+    q = usub.add_parser("add", help="add a user", description="Add a panel user; the password is asked twice.")
+    q.add_argument("name", help="user name (letters, digits, '.', '_', '-')")
+    q.add_argument(
+        "--role",
+        required=True,
+        choices=ROLES,
+        help="admin: users and all actions; technician: retry and suspend; viewer: read only",
+    )
+    q.add_argument("--language", choices=LANGUAGES, help="panel language (default: the browser's)")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_add)
+    q = usub.add_parser("list", help="list users and current lockouts", description="List panel users and lockouts.")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_list)
+    q = usub.add_parser("passwd", help="set a user's password", description="Set a user's password (asked twice).")
+    q.add_argument("name")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_passwd)
+    q = usub.add_parser("set", help="change a user's role, language or status", description="Change a panel user.")
+    q.add_argument("name")
+    q.add_argument("--role", choices=ROLES)
+    q.add_argument("--language", choices=(*LANGUAGES, "browser"))
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--disable", action="store_true", help="refuse this user's logins and end their sessions")
+    g.add_argument("--enable", action="store_true")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_set)
+    q = usub.add_parser("remove", help="remove a user", description="Remove a panel user (never the last admin).")
+    q.add_argument("name")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_remove)
+    q = usub.add_parser(
+        "unlock", help="lift a login lockout", description="Lift the lockout of an account, or of an address."
+    )
+    q.add_argument("name", nargs="?", help="the locked account")
+    q.add_argument("--address", help="the locked client address instead")
+    q.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    q.set_defaults(func=cmd_users_unlock)
+
+    p = sub.add_parser(
+        "panel",
+        help="run the technician panel alone (appliance serve runs it too)",
+        description="Serve the technician panel from this data directory without the DICOM receiver and stages "
+        "(it then cannot see their processes; health shows as unknown).",
+    )
+    p.add_argument("--port", type=int, help="override [panel] port")
+    p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    p.set_defaults(func=cmd_panel)
 
     return parser
 

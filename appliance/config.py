@@ -132,6 +132,31 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 9464
 
 
+class PanelConfig(_Section):
+    """The technician panel (web pages and ``/api/v1``): login required; accounts come from
+    ``appliance users add``, none ships."""
+
+    enabled: bool = True
+    #: Loopback by default: set the box's clinic-network address (or "0.0.0.0"), ideally behind a TLS proxy.
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    #: Worker threads of the WSGI server (waitress).
+    threads: Annotated[int, Field(ge=1, le=64)] = 8
+    #: A session unused this long must log in again.
+    idle_minutes: Annotated[float, Field(gt=0, le=24 * 60)] = 30.0
+    #: Failed logins that lock an account name, and an address, within ``lockout_window_seconds``.
+    lockout_account_failures: Annotated[int, Field(ge=1, le=1000)] = 10
+    lockout_address_failures: Annotated[int, Field(ge=1, le=10000)] = 20
+    lockout_window_seconds: Annotated[float, Field(gt=0)] = 900.0
+    #: How long a lockout lasts unless an admin lifts it first (users page, or ``appliance users unlock``).
+    lockout_seconds: Annotated[float, Field(gt=0)] = 900.0
+    #: Behind a reverse proxy that terminates TLS (and sets X-Forwarded-Proto/-For): cookies become
+    #: ``Secure`` and the client address comes from the proxy's header.
+    behind_tls_proxy: bool = False
+    #: Language for users who chose none and browsers that ask for none of en, vi, ko.
+    default_language: Literal["en", "vi", "ko"] = "en"
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -248,6 +273,7 @@ class Config(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=lambda: list(DEFAULT_ROUTES))
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    panel: PanelConfig = Field(default_factory=PanelConfig)
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

@@ -168,6 +168,7 @@ class Supervisor:
         self._worker_due: float | None = None
         self._threads: list[tuple[threading.Thread, float]] = []
         self._metrics: MetricsServer | None = None
+        self._panel: Any = None
         self._gpu: gpu.GpuSource | None = None
         self._packages: list[Any] = []
 
@@ -200,6 +201,7 @@ class Supervisor:
         self._start_stages(store, packages)
         self._start_worker()
         self._start_metrics(store, packages)
+        self._start_panel(store, packages)
         self._watch(store)
         self._shut_down(store, sock, procs_lock, lock)
         return 0
@@ -392,6 +394,34 @@ class Supervisor:
             return
         self._metrics.start()
 
+    def _start_panel(self, store: Store, packages: list[Any]) -> None:
+        """``[panel]``: the technician panel on a waitress thread pool of the supervisor, which knows its
+        processes; like metrics, a port that cannot be bound is logged and reception goes on."""
+        pc = self.config.panel
+        if not pc.enabled:
+            return
+        from appliance.panel.server import PanelServer
+
+        metrics_server = getattr(self, "_metrics", None)
+        if metrics_server is not None:
+            checks = metrics_server.app.checks
+        else:  # the same checks as /readyz, with the metrics port off
+            checks = MetricsApp(
+                self.config, store, self.process_view, lambda: [ModelView(p.name, p.version) for p in packages]
+            ).checks
+        try:
+            self._panel = PanelServer(self.config, store, processes=self.process_view, checks=checks)
+        except Exception as exc:  # OSError from the bind; a panel that cannot start must not stop reception
+            log.error(
+                "cannot serve the panel on %s:%d: %s; running WITHOUT the panel (another program on that port? "
+                "set [panel] port, or enabled = false)",
+                pc.bind,
+                pc.port,
+                getattr(exc, "strerror", None) or exc,
+            )
+            return
+        self._panel.start()
+
     def process_view(self) -> ProcessView:
         """Open associations and which processes are alive, for the metrics and readiness checks."""
         slots = getattr(self, "_slots", None)
@@ -401,6 +431,7 @@ class Supervisor:
             listeners_alive=sum(1 for p in self.listeners if p is not None and p.is_alive()),
             listeners=len(self.listeners),
             worker_alive=self.worker is not None and self.worker.is_alive(),
+            sender_alive=any(t.name == "export" and t.is_alive() for t, _ in getattr(self, "_threads", [])),
             pids={
                 "supervisor": os.getpid(),
                 **{f"listener-{i}": p.pid for i, p in enumerate(self.listeners) if p is not None and p.is_alive()},
@@ -411,6 +442,8 @@ class Supervisor:
     def _shut_down(self, store: Store, sock: socket.socket, *locks: Any) -> None:
         log.info("stopping")
         self._stop_all([*self.listeners, self.worker])  # reception first: nothing may delay it
+        if self._panel is not None:
+            self._panel.stop()
         if self._metrics is not None:
             self._metrics.stop()
         if self._gpu is not None:

@@ -101,6 +101,7 @@ class Appliance:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.panel_port = free_port()
         self.data_dir = root / "data"
         self.config_path = root / "appliance.toml"
         self.log_path = root / "appliance.log"
@@ -111,6 +112,7 @@ class Appliance:
             "logging": {"level": "INFO"},
             # A port of its own: several appliances run at once in some tests.
             "metrics": {"bind": "127.0.0.1", "port": self.metrics_port},
+            "panel": {"bind": "127.0.0.1", "port": self.panel_port},
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)

@@ -1,7 +1,8 @@
 """Dependencies point one way: foundations and the store/models at the bottom, stages above, service and CLI on top.
 
 Stages talk through the store, so a stage importing another stage is a design error, with two exceptions
-that are one stage in two modules: ``results`` builds from ``infer``'s output and the ``worker`` runs both.
+that are one stage in two modules: ``results`` builds from ``infer``'s output and the ``worker`` runs both;
+the panel reads infer's result type and shares metrics' readiness checks.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ LAYERS = [
     {"appliance.models", "appliance.store"},
     {"appliance.config"},
     {"appliance.ingest", "appliance.assemble", "appliance.route", "appliance.infer", "appliance.results",
-     "appliance.export", "appliance.retention", "appliance.worker", "appliance.metrics"},
+     "appliance.export", "appliance.retention", "appliance.worker", "appliance.metrics", "appliance.panel"},
     {"appliance.service", "appliance.cli", "appliance.__main__"},
 ]
 STAGE_USES = {
     "appliance.results": {"appliance.infer"},
     "appliance.worker": {"appliance.infer", "appliance.results"},
     "appliance.metrics": {"appliance.ingest"},  # the DICOM status names its counters carry (ingest/status.py)
+    # the panel shows infer's summary.json (typed by infer/summary.py) and answers /readyz with metrics' checks
+    "appliance.panel": {"appliance.infer", "appliance.metrics"},
 }
 
 

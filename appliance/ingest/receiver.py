@@ -42,7 +42,13 @@ _HEADER_TAGS = (
     "Modality",
     "PatientID",
     "SeriesDescription",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "SeriesNumber",
 )
+#: Longest header text kept in the index for the panel's search (a hostile header may be megabytes).
+_MAX_TEXT = 256
 
 
 class UnreadableDatasetError(ValueError):
@@ -472,6 +478,10 @@ def instance_record(
         patient_id=_text(values["PatientID"]),
         modality=_text(values["Modality"]),
         description=_text(values["SeriesDescription"]),
+        patient_name=_text(values.get("PatientName")),
+        accession=_text(values.get("AccessionNumber")),
+        study_date=_date(values.get("StudyDate")),
+        series_number=_int(values.get("SeriesNumber")),
     )
 
 
@@ -524,8 +534,22 @@ def _dataset_chunks(dataset: bytes | memoryview | SpilledDataset) -> Iterator[by
 def _text(value: object) -> str | None:
     if value is None:
         return None
-    s = str(value).strip()
+    s = str(value).strip()[:_MAX_TEXT]
     return s or None
+
+
+def _date(value: object) -> str | None:
+    """A DA value as ``YYYYMMDD`` when it is one (the panel's date range compares these as text), else None."""
+    s = _text(value)
+    return s if s is not None and len(s) == 8 and s.isdigit() else None
+
+
+def _int(value: object) -> int | None:
+    try:
+        n = int(str(value).strip()) if value is not None else None
+    except ValueError:
+        return None
+    return n if n is not None and -(2**31) <= n < 2**31 else None
 
 
 def _element(tag_elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:

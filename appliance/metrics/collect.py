@@ -44,6 +44,8 @@ class ProcessView:
     listeners_alive: int = 0
     listeners: int = 0
     worker_alive: bool = False
+    #: the export thread (sends results to the destinations); None where it is not known
+    sender_alive: bool | None = None
     #: role (supervisor, listener-N, worker) -> pid of the process alive now
     pids: dict[str, int] = field(default_factory=dict)
 

@@ -38,6 +38,10 @@ class InstanceRecord:
     patient_id: str | None = None
     modality: str | None = None
     description: str | None = None
+    patient_name: str | None = None
+    accession: str | None = None
+    study_date: str | None = None
+    series_number: int | None = None
 
 
 def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -391,8 +395,9 @@ def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reo
     """Count an instance into its series (created ``receiving`` on the first); re-open it if it had moved on."""
     state = conn.execute(
         "INSERT INTO series(series_uid, study_uid, patient_id, modality, description, state,"
-        " instances, bytes, first_received, last_received, state_changed, state_reason)"
-        " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'first instance received')"
+        " instances, bytes, first_received, last_received, state_changed, state_reason,"
+        " patient_name, accession, study_date, series_number)"
+        " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, 'first instance received', ?, ?, ?, ?)"
         " ON CONFLICT(series_uid) DO UPDATE SET"
         "  instances = instances + 1, bytes = bytes + excluded.bytes, last_received = excluded.last_received"
         " RETURNING state",
@@ -407,6 +412,10 @@ def _touch_series(conn: sqlite3.Connection, rec: InstanceRecord, now: float, reo
             now,
             now,
             now,
+            rec.patient_name,
+            rec.accession,
+            rec.study_date,
+            rec.series_number,
         ),
     ).fetchone()[0]
     if state != SeriesState.RECEIVING:

@@ -72,14 +72,18 @@ class Outbox:
         rows = self.index.conn.execute(
             "SELECT o.id, o.series_uid, o.destination, o.attempts, r.kind, r.sop_class_uid, r.sop_instance_uid,"
             " r.path FROM outbox o JOIN result_objects r ON r.id = o.object_id"
-            " WHERE o.state = ? AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.id LIMIT ?",
+            " WHERE o.state = ? AND o.next_attempt_at <= ?"
+            " AND o.destination NOT IN (SELECT destination FROM destination_holds)"
+            " ORDER BY o.next_attempt_at, o.id LIMIT ?",
             (OutboxState.PENDING, now, limit),
         ).fetchall()
         return [OutboxRow(*tuple(r)) for r in rows]
 
     def next_due_at(self) -> float | None:
         row = self.index.conn.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = ?", (OutboxState.PENDING,)
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = ?"
+            " AND destination NOT IN (SELECT destination FROM destination_holds)",
+            (OutboxState.PENDING,),
         ).fetchone()
         return row[0]
 
@@ -165,6 +169,32 @@ class Outbox:
             for series_uid in {r["series_uid"] for r in rows}:
                 settle_series(c, series_uid, now)
         return len(rows)
+
+    def suspend(self, destination: str, by_user: str | None, reason: str | None = None) -> bool:
+        """Hold sending to ``destination`` (its PACS is down for maintenance, say): rows stay pending, untried,
+        and their attempts are not spent. False when it was on hold already."""
+        with self.index.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO destination_holds(destination, since, by_user, reason) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(destination) DO NOTHING",
+                (destination, time.time(), by_user, reason),
+            )
+            return cur.rowcount > 0
+
+    def resume(self, destination: str) -> bool:
+        """Send to ``destination`` again; what waited is due at once. False when it was not on hold."""
+        now = time.time()
+        with self.index.transaction() as c:
+            if c.execute("DELETE FROM destination_holds WHERE destination = ?", (destination,)).rowcount == 0:
+                return False
+            c.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE destination = ? AND state = ? AND next_attempt_at > ?",
+                (now, destination, OutboxState.PENDING, now),
+            )
+            return True
+
+    def held(self) -> set[str]:
+        return {r[0] for r in self.index.conn.execute("SELECT destination FROM destination_holds")}
 
     def list(self, state: OutboxState | str | None = None, series_uid: str | None = None) -> list[dict[str, Any]]:
         sql = (

@@ -195,6 +195,66 @@ MIGRATIONS: list[str] = [
         VALUES ((julianday('now') - 2440587.5) * 86400.0, NEW.id, OLD.state, NEW.state, NEW.last_error);
     END;
     """,
+    # 5: the panel: what a technician searches a series by (copied from the first instance's header), users
+    # with their password hashes, the login trail that throttling counts, lockouts, the audit log, and the
+    # destinations whose sending a technician suspended.
+    """
+    ALTER TABLE series ADD COLUMN patient_name TEXT;
+    ALTER TABLE series ADD COLUMN accession TEXT;
+    ALTER TABLE series ADD COLUMN study_date TEXT;
+    ALTER TABLE series ADD COLUMN series_number INTEGER;
+    CREATE INDEX series_first_received ON series(first_received);
+    CREATE INDEX series_patient_id ON series(patient_id);
+    CREATE INDEX series_accession ON series(accession);
+    CREATE INDEX series_study_date ON series(study_date);
+
+    CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        role        TEXT NOT NULL,            -- admin | technician | viewer
+        password    TEXT NOT NULL,            -- scrypt$n$r$p$salt$hash (hex)
+        language    TEXT,                     -- en | vi | ko; NULL: the browser's Accept-Language
+        created_at  REAL NOT NULL,
+        changed_at  REAL NOT NULL,
+        disabled    INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    CREATE TABLE login_attempts (
+        id       INTEGER PRIMARY KEY,
+        at       REAL NOT NULL,
+        username TEXT NOT NULL,
+        address  TEXT NOT NULL,
+        ok       INTEGER NOT NULL
+    );
+    CREATE INDEX login_attempts_user ON login_attempts(username, at);
+    CREATE INDEX login_attempts_address ON login_attempts(address, at);
+
+    CREATE TABLE lockouts (
+        kind    TEXT NOT NULL,                -- account | address
+        key     TEXT NOT NULL,
+        since   REAL NOT NULL,
+        until   REAL NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE audit (
+        id       INTEGER PRIMARY KEY,
+        at       REAL NOT NULL,
+        username TEXT,
+        address  TEXT,
+        action   TEXT NOT NULL,
+        target   TEXT,
+        detail   TEXT
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE INDEX audit_action ON audit(action, at);
+
+    CREATE TABLE destination_holds (
+        destination TEXT PRIMARY KEY,
+        since       REAL NOT NULL,
+        by_user     TEXT,
+        reason      TEXT
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
