@@ -74,7 +74,7 @@ def test_series_results_reach_orthanc(appliance_factory: Any, tmp_path: Path, or
     uid = series_uid_of(folder)
     s = wait_series(app, uid, {"done", "failed", "export_failed"}, within=60)
     assert s["state"] == "done", s
-    assert "3 result object(s) delivered" in s["state_reason"]
+    assert "3 delivery(ies) acknowledged" in s["state_reason"]
 
     made = objects_of(app, uid)
     assert sorted(o["kind"] for o in made.values()) == ["SC", "SEG", "SR"]

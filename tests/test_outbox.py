@@ -63,7 +63,7 @@ def test_objects_become_rows_per_destination_and_delivery_settles_the_series(tmp
         assert _state(store, "1.1")[0] == "exporting"
     ob.record_sent(rows[-1], "0x0000")
     state, reason = _state(store, "1.1")
-    assert state == "done" and "6 result object(s) delivered" in reason
+    assert state == "done" and "6 delivery(ies) acknowledged" in reason
     assert ob.due() == []
     # A second Success for the same row (a resend after a crash) changes nothing.
     ob.record_sent(rows[0], "0x0000")

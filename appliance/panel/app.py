@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -36,6 +37,17 @@ CSP = (
     " frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 SECRET_FILE = "panel-secret.key"
+
+
+class HtmlSafeJSON(DefaultJSONProvider):
+    """The API's JSON with ``<``, ``>``, ``&`` and ``'`` as ``\\u003c`` etc. (they only occur inside strings), so a
+    DICOM header value stays inert even where a response is sniffed or embedded; keys keep the views' order."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        text = super().dumps(obj, **kwargs)
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
 
 
 class PanelContext:
@@ -95,8 +107,8 @@ def create_app(
         MAX_CONTENT_LENGTH=64 * 1024,  # forms and API bodies are small; nothing bigger is read
         MAX_FORM_PARTS=100,
         TESTING=testing,
-        JSON_SORT_KEYS=False,
     )
+    app.json = HtmlSafeJSON(app)  # JSON_SORT_KEYS is gone from Flask 3: the provider says it
     if pc.behind_tls_proxy:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
     app.extensions["panel"] = PanelContext(config, store, processes, checks)
@@ -146,6 +158,16 @@ def create_app(
         from flask import render_template
 
         return render_template("error.html", code=404, message=i18n.gettext("This page does not exist.")), 404
+
+    @app.errorhandler(405)
+    def _method(err: Any) -> Any:
+        if request.path.startswith("/api/"):
+            resp = jsonify(error=f"{request.method} is not allowed on {request.path}")
+            resp.status_code = 405
+            if getattr(err, "valid_methods", None):
+                resp.headers["Allow"] = ", ".join(err.valid_methods)
+            return resp
+        return err
 
     @app.errorhandler(403)
     def _forbidden(err: Any) -> tuple[Any, int]:

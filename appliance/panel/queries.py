@@ -209,12 +209,56 @@ def timeline(store: Store, series_uid: str, series: dict[str, Any], jobs: list[d
                     "detail": e["reason"],
                 }
             )
-    steps.sort(key=lambda s: s["at"])
+    _order(steps)
     prev = None
     for s in steps:
         s["took"] = None if prev is None else max(0.0, s["at"] - prev)
         prev = s["at"]
     return steps
+
+
+#: The order of steps that happen together: stages stamp their rows from their own clocks (Python's, or
+#: SQLite's in a trigger), so a job's end and the series' move to sending can be a millisecond apart either way.
+_RANK = {
+    "received_first": 0,
+    "received_last": 1,
+    "series_receiving": 2,
+    "series_complete": 3,
+    "series_queued": 4,
+    "series_no_model": 4,
+    "job_queued": 5,
+    "series_processing": 6,
+    "job_processing": 7,
+    "job_failed": 8,
+    "job_done": 8,
+    "result": 9,
+    "series_failed": 10,
+    "series_exporting": 10,
+    "outbox_retry": 11,
+    "send_failed": 12,
+    "sent": 12,
+    "outbox_dead": 13,
+    "outbox_superseded": 13,
+    "series_export_failed": 14,
+    "series_done": 14,
+    "series_purging": 15,
+    "series_purged": 16,
+}
+_TIE_SECONDS = 0.05
+
+
+def _order(steps: list[dict[str, Any]]) -> None:
+    """Sort by time, then put steps stamped within ``_TIE_SECONDS`` of each other in pipeline order."""
+    steps.sort(key=lambda s: s["at"])
+    for _ in range(len(steps)):
+        swapped = False
+        for i in range(len(steps) - 1):
+            a, b = steps[i], steps[i + 1]
+            if b["at"] - a["at"] < _TIE_SECONDS and _RANK.get(a["step"], 99) > _RANK.get(b["step"], 99):
+                steps[i], steps[i + 1] = b, a
+                swapped = True
+        if not swapped:
+            break
 
 
 def series_detail(store: Store, series_uid: str) -> dict[str, Any] | None:

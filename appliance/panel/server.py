@@ -43,7 +43,7 @@ class PanelServer:
             connection_limit=200,
             # behind a TLS proxy, the app's ProxyFix reads X-Forwarded-For/-Proto (one hop); waitress passes them
         )
-        self.port: int = self.server.effective_port
+        self.port = int(self.server.effective_port)  # waitress gives it as a string
         self._thread = threading.Thread(target=self._run, name="panel", daemon=True)
 
     def _run(self) -> None:

@@ -65,12 +65,16 @@ class Browse:
 
     def series_page(self, flt: SeriesFilter, *, limit: int = 50, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """(matching series, one page of them, newest first)."""
-        limit = max(1, min(limit, MAX_PAGE))
+        limit, offset = max(1, min(limit, MAX_PAGE)), max(0, offset)
         where, args = flt.where()
         total = self.conn.execute(f"SELECT count(*) FROM series{where}", args).fetchone()[0]
+        if offset >= total:
+            # Nothing on this page: skip the second pass, which for a text search that matches nothing would
+            # walk every series in first_received order (~4x the count's plain scan at 100,000 series).
+            return int(total), []
         rows = self.conn.execute(
             f"SELECT {_SERIES_COLUMNS} FROM series{where} ORDER BY first_received DESC, series_uid LIMIT ? OFFSET ?",
-            (*args, limit, max(0, offset)),
+            (*args, limit, offset),
         ).fetchall()
         return int(total), [dict(r) for r in rows]
 
@@ -163,7 +167,10 @@ class Browse:
         return {
             r[0]: r[1]
             for r in self.conn.execute(
-                "SELECT state, count(*) FROM series WHERE first_received >= ? GROUP BY state", (since,)
+                # ``+state``: group in a temporary b-tree, so SQLite searches the first_received index for
+                # today's rows instead of walking all of series_state to group in index order.
+                "SELECT state, count(*) FROM series WHERE first_received >= ? GROUP BY +state",
+                (since,),
             )
         }
 

@@ -54,7 +54,10 @@ def settle_series(c: Any, series_uid: str, now: float) -> None:
             ).fetchall()
         )
         if counts.get(OutboxState.PENDING):
-            new, reason = SeriesState.EXPORTING, f"sending {counts[OutboxState.PENDING]} result object(s)"
+            new, reason = (
+                SeriesState.EXPORTING,
+                f"{counts[OutboxState.PENDING]} delivery(ies) to send (one per result object and destination)",
+            )
         elif counts.get(OutboxState.DEAD):
             last = c.execute(
                 "SELECT destination, last_error FROM outbox WHERE series_uid = ? AND state = ?"
@@ -63,13 +66,13 @@ def settle_series(c: Any, series_uid: str, now: float) -> None:
             ).fetchone()
             new, reason = (
                 SeriesState.EXPORT_FAILED,
-                (
-                    f"{counts[OutboxState.DEAD]} result object(s) not delivered; "
-                    f"{last[0]}: {last[1]} (appliance outbox retry)"
-                ),
+                (f"{counts[OutboxState.DEAD]} delivery(ies) failed; {last[0]}: {last[1]} (appliance outbox retry)"),
             )
         elif counts.get(OutboxState.SENT):
-            new, reason = SeriesState.DONE, f"all models ran; {counts[OutboxState.SENT]} result object(s) delivered"
+            new, reason = (
+                SeriesState.DONE,
+                f"all models ran; {counts[OutboxState.SENT]} delivery(ies) acknowledged (result objects x destinations)",
+            )
         else:
             new, reason = SeriesState.DONE, "all models ran (no destination configured)"
     move(

@@ -242,19 +242,29 @@ class Users:
     def authenticate(
         self, name: str, password: str, address: str, throttle: Throttle, now: float | None = None
     ) -> tuple[User | None, str | None, builtins.list[str]]:
-        """Check a login: (user or None, why not, lockouts it started). A locked account or address is
-        refused before the password is even hashed, and the refusal is not counted again."""
+        """Check a login: (user or None, why not, lockouts it started).
+
+        A locked address is refused before anything is hashed or written, so a flood from it costs a lookup
+        and leaves no rows. A locked account is refused without hashing too, but the attempt still counts
+        against its address: guessing at a locked account locks the guesser. An account's failures are
+        counted since its last success (the user who mistyped, then got it right, starts afresh); an
+        address's are not reset by a success, so an attacker holding one valid account cannot log in
+        between guesses to keep the address unlocked.
+        """
         now = time.time() if now is None else now
         name = name[:64]
         lock = self.locked(name, address, now)
-        if lock:
-            return None, f"locked_{lock}", []
-        row = self.index.conn.execute(
-            "SELECT name, role, language, created_at, disabled, password FROM users WHERE name = ?", (name,)
-        ).fetchone()
-        ok = verify_password(password, row["password"] if row else _DUMMY_HASH) and row is not None
-        if ok and row["disabled"]:
-            ok = False
+        if lock == "address":
+            return None, "locked_address", []
+        row = None
+        ok = False
+        if lock is None:
+            row = self.index.conn.execute(
+                "SELECT name, role, language, created_at, disabled, password FROM users WHERE name = ?", (name,)
+            ).fetchone()
+            ok = verify_password(password, row["password"] if row else _DUMMY_HASH) and row is not None
+            if ok and row["disabled"]:
+                ok = False
         started: builtins.list[str] = []
         with self.index.transaction() as c:
             c.execute(
@@ -262,14 +272,16 @@ class Users:
                 (now, name, address, int(ok)),
             )
             if not ok:
-                for kind, key, col, limit in (
-                    ("account", name, "username", throttle.account_failures),
-                    ("address", address, "address", throttle.address_failures),
-                ):
-                    last_ok = c.execute(
-                        f"SELECT max(at) FROM login_attempts WHERE {col} = ? AND ok = 1", (key,)
-                    ).fetchone()[0]
-                    since = max(now - throttle.window, last_ok or 0.0)
+                checks = [("address", address, "address", throttle.address_failures, False)]
+                if lock is None:
+                    checks.insert(0, ("account", name, "username", throttle.account_failures, True))
+                for kind, key, col, limit, reset_on_success in checks:
+                    since = now - throttle.window
+                    if reset_on_success:
+                        last_ok = c.execute(
+                            f"SELECT max(at) FROM login_attempts WHERE {col} = ? AND ok = 1", (key,)
+                        ).fetchone()[0]
+                        since = max(since, last_ok or 0.0)
                     fails = c.execute(
                         f"SELECT count(*) FROM login_attempts WHERE {col} = ? AND ok = 0 AND at > ?", (key, since)
                     ).fetchone()[0]
@@ -282,7 +294,9 @@ class Users:
                         started.append(kind)
             # the trail is for throttling and the audit log keeps the record: keep a bounded window
             c.execute("DELETE FROM login_attempts WHERE at < ?", (now - max(throttle.window, 86400.0),))
-        if not ok:
+        if lock == "account":
+            return None, "locked_account", started
+        if not ok or row is None:
             return None, "disabled" if row is not None and row["disabled"] else "wrong", started
         return User(row[0], row[1], row[2], row[3], bool(row[4])), None, started
 
@@ -296,8 +310,14 @@ class Users:
         ]
 
     def unlock(self, kind: str, key: str) -> bool:
+        """Lift a lockout, and forget the failures that led to it (else the next mistake locks again)."""
+        col = {"account": "username", "address": "address"}.get(kind)
+        if col is None:
+            raise UserError(f"lockout kind {kind!r}: account or address")
         with self.index.transaction() as c:
-            return c.execute("DELETE FROM lockouts WHERE kind = ? AND key = ?", (kind, key)).rowcount > 0
+            lifted = c.execute("DELETE FROM lockouts WHERE kind = ? AND key = ?", (kind, key)).rowcount > 0
+            c.execute(f"DELETE FROM login_attempts WHERE {col} = ? AND ok = 0", (key,))
+            return lifted
 
 
 class Audit:

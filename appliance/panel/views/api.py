@@ -115,7 +115,8 @@ def outbox() -> Any:
 @bp.route("/outbox/retry", methods=["POST"])
 @require(*ACT)
 def retry() -> Any:
-    body = request.get_json(silent=True) or {}
+    body = request.get_json(silent=True)
+    body = body if isinstance(body, dict) else {}
     if body.get("all") is True:
         return _json({"retried": queue_view.retry(None, True)})
     ids = body.get("ids")
@@ -123,7 +124,7 @@ def retry() -> Any:
         not isinstance(ids, list)
         or not ids
         or len(ids) > 1000
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        or not all(type(i) is int and 0 < i <= queue_view.MAX_ROW_ID for i in ids)
     ):
         return _json({"error": 'send {"ids": [outbox row ids]} or {"all": true}'}, 400)
     return _json({"retried": queue_view.retry(ids, False)})
@@ -134,7 +135,8 @@ def retry() -> Any:
 def hold(name: str, action: str) -> Any:
     if action not in ("suspend", "resume"):
         abort(404)
-    body = request.get_json(silent=True) or {}
+    body = request.get_json(silent=True)
+    body = body if isinstance(body, dict) else {}
     reason = body.get("reason") if isinstance(body.get("reason"), str) else None
     changed = queue_view.set_hold(name, action == "suspend", reason[:200] if reason else None)
     return _json({"destination": name, "suspended": action == "suspend", "changed": changed})

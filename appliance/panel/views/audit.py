@@ -33,7 +33,7 @@ def _filters(args: Any) -> dict[str, Any]:
 @require("admin", "technician")
 def index() -> Any:
     try:
-        page = max(1, int(request.args.get("page", 1)))
+        page = max(1, min(int(request.args.get("page", 1)), 1_000_000))  # an offset SQLite can bind
     except ValueError:
         page = 1
     total, rows = Audit(ctx().store.index).query(**_filters(request.args), limit=PAGE, offset=(page - 1) * PAGE)

@@ -125,7 +125,8 @@ def login() -> Any:
             "panel: %s locked after repeated failed logins (%s from %s)", kind, name, request.remote_addr
         )
     if user is None:
-        audit("login_failed", target=name, detail=why, username=name)
+        if why != "locked_address":  # a locked address is refused without a trace: a flood leaves no rows
+            audit("login_failed", target=name, detail=why, username=name)
         if why and why.startswith("locked"):
             msg = gettext(
                 "Too many failed logins: this account or this computer is locked for a while. An administrator can unlock it."

@@ -13,6 +13,8 @@ from appliance.panel.views.auth import ACT, audit, can_act, ctx, require, safe_n
 from appliance.store.outbox import Outbox
 
 bp = Blueprint("queue", __name__)
+#: The largest row id SQLite can bind (a larger number in a form or body is refused, not a 500).
+MAX_ROW_ID = 2**63 - 1
 
 
 @bp.route("/queue")
@@ -56,6 +58,8 @@ def retry_form() -> Any:
         try:
             ids = [int(request.form["id"])]
         except (KeyError, ValueError):
+            abort(400)
+        if not 0 < ids[0] <= MAX_ROW_ID:
             abort(400)
         n = retry(ids, False)
     flash(gettext("%(n)s dead letter(s) queued to send again.", n=n))
