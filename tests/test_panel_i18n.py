@@ -115,6 +115,7 @@ TECHNICAL = [
     "DICOM",
     "PACS",
     "CSV",
+    "API",
     "UID",
     "SEG",
     "SR",

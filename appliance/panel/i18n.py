@@ -122,6 +122,7 @@ def init_app(app: Flask, default_language: str, data_dir: Path) -> None:
         state=state_label,
     )
     app.jinja_env.filters["dicom_date"] = dicom_date
+    app.jinja_env.filters["pn"] = person_name
     app.jinja_env.globals.update(
         languages=LANGUAGES,
         current_language=lambda: str(get_locale() or "en"),
@@ -131,6 +132,9 @@ def init_app(app: Flask, default_language: str, data_dir: Path) -> None:
         window_label=lambda v: _label(WINDOW_LABELS, v),
         structure_label=lambda v: _label(STRUCTURE_LABELS, v),
         action_label=lambda v: _label(ACTION_LABELS, v),
+        detail_label=lambda v: _label(DETAIL_LABELS, v),
+        detail_codes=DETAIL_LABELS,
+        problem_steps=PROBLEM_STEPS,
     )
 
 
@@ -205,6 +209,26 @@ def _label(table: dict[str, Any], value: str | None) -> str:
         return "–"
     label = table.get(str(value), table.get(str(value).lower()))
     return str(label) if label is not None else str(value)
+
+
+def person_name(value: str | None) -> str | None:
+    """A PN value as people read it: ``Nguyễn^Văn An`` as "Nguyễn Văn An" (family name first, as in Vietnamese
+    and Korean), ``DOE^JOHN`` as "DOE, JOHN" in English; the alphabetic, ideographic and phonetic groups of
+    a Korean name (``Hong^Gildong=洪^吉洞=홍^길동``) joined by " / ". Anything else unchanged."""
+    if not value or "^" not in value:  # a one-component name, or not a name at all: as received
+        return value
+    english = str(get_locale() or "en") == "en"
+    shown = []
+    for group in value.split("="):
+        parts = [p.strip() for p in group.split("^")]
+        family, given = parts[0], " ".join(p for p in parts[1:3] if p)
+        if not family and not given:
+            continue
+        if english and family and given:
+            shown.append(f"{family}, {given}")
+        else:
+            shown.append(" ".join(p for p in (family, given) if p))
+    return " / ".join(shown) if shown else value
 
 
 def dicom_date(value: str | None) -> str | None:
@@ -283,3 +307,24 @@ STEP_LABELS: dict[str, Any] = {
     "outbox_superseded": lazy_gettext("Replaced by a newer result"),
     "outbox_retry": lazy_gettext("Retry requested"),
 }
+#: Audit details that are codes, not free text (``Users.authenticate``'s reasons; where an action came from).
+DETAIL_LABELS: dict[str, Any] = {
+    "wrong": lazy_gettext("wrong user name or password"),
+    "disabled": lazy_gettext("account disabled"),
+    "locked_account": lazy_gettext("account locked"),
+    "locked_address": lazy_gettext("address locked"),
+    "api": lazy_gettext("through the API"),
+}
+#: Timeline steps whose stage reason explains a problem and is shown (as the stage wrote it, for service
+#: engineers); on the others the step's own label and time say everything.
+PROBLEM_STEPS = frozenset(
+    {
+        "series_receiving",
+        "series_failed",
+        "series_export_failed",
+        "job_failed",
+        "send_failed",
+        "outbox_dead",
+        "outbox_superseded",
+    }
+)

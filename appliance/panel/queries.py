@@ -211,9 +211,15 @@ def timeline(store: Store, series_uid: str, series: dict[str, Any], jobs: list[d
             )
     _order(steps)
     prev = None
+    seen: set[tuple[Any, Any]] = set()
     for s in steps:
         s["took"] = None if prev is None else max(0.0, s["at"] - prev)
         prev = s["at"]
+        # the same failure again (every attempt at an unreachable PACS): said once, then only counted
+        key = (s.get("destination"), s.get("detail"))
+        s["repeat"] = s["step"] == "send_failed" and key in seen
+        if s["step"] == "send_failed":
+            seen.add(key)
     return steps
 
 

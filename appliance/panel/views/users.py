@@ -8,9 +8,16 @@ from flask import Blueprint, abort, flash, g, redirect, render_template, request
 
 from appliance.panel.i18n import gettext
 from appliance.panel.views.auth import audit, require, users
-from appliance.store.users import ROLES, UserError
+from appliance.store.users import ROLES, UserError, WeakPasswordError
 
 bp = Blueprint("users", __name__)
+
+
+def _WEAK() -> str:  # noqa: N802 (reads as the message it is)
+    return gettext(
+        "Password refused: it is too easy to guess. Use at least 12 characters, not a common password and not "
+        "the user name; a short sentence works well."
+    )
 
 
 @bp.route("/users")
@@ -31,6 +38,9 @@ def add() -> Any:
         return redirect(url_for("users.index"))
     try:
         users().add(name, role, password)
+    except WeakPasswordError:
+        flash(_WEAK(), "error")
+        return redirect(url_for("users.index"))
     except UserError as exc:
         flash(gettext("User not added: %(why)s", why=str(exc)), "error")
         return redirect(url_for("users.index"))
@@ -69,6 +79,9 @@ def change(name: str) -> Any:
             return redirect(url_for("users.index"))
         else:
             abort(400)
+    except WeakPasswordError:
+        flash(_WEAK(), "error")
+        return redirect(url_for("users.index"))
     except UserError as exc:
         flash(gettext("Not changed: %(why)s", why=str(exc)), "error")
         return redirect(url_for("users.index"))
