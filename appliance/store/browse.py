@@ -222,13 +222,17 @@ class Browse:
         ]
 
     def backends(self) -> list[dict[str, Any]]:
-        return [
-            dict(r)
-            for r in self.conn.execute(
-                "SELECT model, backend, precision, device, finished_at FROM jobs WHERE id IN"
-                " (SELECT max(id) FROM jobs WHERE backend IS NOT NULL GROUP BY model)"
-            )
-        ]
+        """The backend, precision and device each model last ran on: one index probe per model (jobs_model)."""
+        out = []
+        for (model,) in self.conn.execute("SELECT DISTINCT model FROM jobs").fetchall():
+            r = self.conn.execute(
+                "SELECT model, backend, precision, device, finished_at FROM jobs"
+                " WHERE model = ? AND backend IS NOT NULL ORDER BY id DESC LIMIT 1",
+                (model,),
+            ).fetchone()
+            if r is not None:
+                out.append(dict(r))
+        return out
 
     # -- queue and outbox ---------------------------------------------------------------------------
 

@@ -255,6 +255,14 @@ MIGRATIONS: list[str] = [
         reason      TEXT
     ) WITHOUT ROWID;
     """,
+    # 6: what the panel's dashboard asks with 100,000 series (scripts/bench_panel.py): results of the last
+    # day, the backend each model last ran on, the modalities to filter by. Each index costs a write per job
+    # or per series, never per instance.
+    """
+    CREATE INDEX jobs_finished ON jobs(state, finished_at);
+    CREATE INDEX jobs_model ON jobs(model, id);
+    CREATE INDEX series_modality ON series(modality);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,13 +38,17 @@ class Stats:
         }
 
     def last_backend_per_model(self) -> dict[str, dict[str, Any]]:
-        return {
-            r["model"]: dict(r)
-            for r in self.conn.execute(
-                "SELECT model, backend, precision, device FROM jobs WHERE id IN"
-                " (SELECT max(id) FROM jobs WHERE backend IS NOT NULL GROUP BY model)"
-            )
-        }
+        """One index probe per model (jobs_model), not a scan of every job."""
+        out: dict[str, dict[str, Any]] = {}
+        for (model,) in self.conn.execute("SELECT DISTINCT model FROM jobs").fetchall():
+            r = self.conn.execute(
+                "SELECT model, backend, precision, device FROM jobs WHERE model = ? AND backend IS NOT NULL"
+                " ORDER BY id DESC LIMIT 1",
+                (model,),
+            ).fetchone()
+            if r is not None:
+                out[model] = dict(r)
+        return out
 
     def associations(self) -> dict[str, int]:
         """Accepted associations by how they ended (``open`` while they last)."""
