@@ -259,7 +259,8 @@ def post_api(c: FlaskClient, path: str, body: Any = None) -> Any:
     return c.post(path, json=body if body is not None else {}, headers={"X-CSRFToken": api_token(c)})
 
 
-PAGES = ["/", "/series", f"/series/{UID['done']}", "/queue", "/models", "/audit", "/audit.csv", "/users"]
+PAGES = ["/", "/series", f"/series/{UID['done']}", "/queue", "/models", "/audit", "/audit.csv", "/users",
+         "/settings"]
 FRAGMENTS = ["/live/dashboard", "/live/series", f"/live/series/{UID['done']}", "/live/queue"]
 API_GET = ["/api/v1/", "/api/v1/health", "/api/v1/dashboard", "/api/v1/series", f"/api/v1/series/{UID['done']}",
            f"/api/v1/series/{UID['done']}/timeline", "/api/v1/jobs", "/api/v1/models", "/api/v1/outbox",
@@ -317,6 +318,7 @@ def test_every_page_renders_for_an_admin_with_its_data(panel: Panel) -> None:
         "/models": [MODEL, "1.4.0"],
         "/audit": [ADMIN, "127.0.0.1"],
         "/users": [ADMIN, TECH, VIEWER],
+        "/settings": ["[panel]", "lockout_account_failures", "PACS_AE"],
     }
     for path in PAGES:
         r = c.get(path)
@@ -502,7 +504,7 @@ def test_a_viewer_reads_but_may_not_act_nor_manage(panel: Panel) -> None:
     r = post_api(c, "/api/v1/outbox/retry", {"all": True})
     assert r.status_code == 403 and "role" in r.get_json()["error"]
     assert post_api(c, "/api/v1/destinations/pacs/suspend").status_code == 403
-    for path in ["/users", "/audit", "/audit.csv"]:
+    for path in ["/users", "/audit", "/audit.csv", "/settings"]:
         assert c.get(path).status_code == 403, path
     assert post_form(c, "/users/add", {"name": "mallory", "role": "admin", "password": "Mallory was here 1!",
                                        "password2": "Mallory was here 1!"}).status_code == 403
@@ -628,7 +630,7 @@ def test_hostile_header_values_are_escaped_on_every_page_and_returned_verbatim_b
     anon = panel.client("10.2.2.2")
     assert login(anon, XSS_USER, "whatever").status_code == 401
     c = panel.login(ADMIN, ADMIN_PW)
-    pages = ["/", "/series", "/queue", "/models", "/audit", "/users", "/login"] + FRAGMENTS + [
+    pages = ["/", "/series", "/queue", "/models", "/audit", "/users", "/settings", "/login"] + FRAGMENTS + [
         f"/series/{uid}" for uid in UID.values()] + [f"/live/series/{uid}" for uid in UID.values()] + [
         "/series?q=" + XSS_SCRIPT, "/series?q=" + XSS_IMG, "/series?q=%3Cscript", "/audit?user=" + XSS_IMG,
         "/live/series?q=" + XSS_IMG, "/nothing/" + XSS_SCRIPT]

@@ -609,7 +609,7 @@ def _models_dir(root: Path) -> Path:
     return models
 
 
-PAGES = ["/", "/series", "/queue", "/models", "/audit", "/users", "/live/dashboard", "/live/series", "/live/queue"]
+PAGES = ["/", "/series", "/queue", "/models", "/audit", "/users", "/settings", "/live/dashboard", "/live/series", "/live/queue"]
 PAGES += [f"/series/{uid}" for uid in UIDS.values()] + [f"/live/series/{uid}" for uid in UIDS.values()]
 
 

@@ -116,7 +116,7 @@ def create_app(
     CSRFProtect(app)
     i18n.init_app(app, pc.default_language, store.data_dir)
 
-    from appliance.panel.views import api, audit, auth, dashboard, health, models, queue, series, users
+    from appliance.panel.views import api, audit, auth, dashboard, health, models, queue, series, settings, users
 
     for bp in (
         health.bp,
@@ -127,6 +127,7 @@ def create_app(
         models.bp,
         audit.bp,
         users.bp,
+        settings.bp,
         api.bp,
     ):
         app.register_blueprint(bp)
