@@ -66,8 +66,13 @@ class PanelServer:
         self.server.run()
 
     def stop(self) -> None:
+        """Stop accepting, then let requests in progress finish (up to 5 s) before the caller closes the store."""
         self._stopping = True
         try:
             self.server.close()
         except Exception as exc:  # closing an already closed socket map
             log.debug("panel close: %s", exc)
+        try:
+            self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        except Exception as exc:  # threads already gone
+            log.debug("panel shutdown: %s", exc)
