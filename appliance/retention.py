@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.store import RESULTS_DIR, Store
+from appliance.store import RESULTS_DIR, SLICE_CACHE_DIR, Store
 from appliance.store.purge import PURGE_BATCH, PurgeLedger
 
 log = logging.getLogger("appliance.retention")
@@ -92,11 +92,16 @@ class Purger:
             return 0
 
     def _delete_results(self, series_uid: str) -> int:
-        results = Path(self.store.data_dir) / RESULTS_DIR / series_uid
-        if not results.exists():
-            return 0
-        freed = sum(f.stat().st_size for f in results.rglob("*") if f.is_file())
-        shutil.rmtree(results, ignore_errors=True)
+        """The series' results, and the panel's renders of its slices (patient images too)."""
+        freed = 0
+        for folder in (
+            Path(self.store.data_dir) / RESULTS_DIR / series_uid,
+            Path(self.store.data_dir) / SLICE_CACHE_DIR / series_uid,
+        ):
+            if not folder.exists():
+                continue
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
         return freed
 
     def run(self, stop: threading.Event) -> None:

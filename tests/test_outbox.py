@@ -164,6 +164,10 @@ def test_retention_purges_only_delivered_work(tmp_path: Path) -> None:
     results = tmp_path / "results" / "6.1" / "m"
     results.mkdir(parents=True)
     (results / "seg.dcm").write_bytes(b"x")
+    renders = {u: tmp_path / "cache" / "slices" / u for u in ("6.1", "6.2")}  # the panel's slice cache
+    for d in renders.values():
+        d.mkdir(parents=True)
+        (d / "0.png").write_bytes(b"png")
     assert {u: _state(store, u)[0] for u in ("6.1", "6.2", "6.3", "6.4")} == {
         "6.1": "done", "6.2": "exporting", "6.3": "export_failed", "6.4": "no_model"}
 
@@ -173,6 +177,7 @@ def test_retention_purges_only_delivered_work(tmp_path: Path) -> None:
     states = {u: _state(store, u)[0] for u in ("6.1", "6.2", "6.3", "6.4")}
     assert states == {"6.1": "purged", "6.2": "exporting", "6.3": "export_failed", "6.4": "purged"}
     assert not results.exists()
+    assert not renders["6.1"].exists() and renders["6.2"].exists()  # a purged series' renders go with it
     left = {p.parent.name for p in (store.spool.root / "s").rglob("*.dcm")}
     assert left == {"6.2", "6.3"}
     assert store.index.series_instances("6.1") == []

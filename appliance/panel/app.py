@@ -9,8 +9,6 @@ alive and what the readiness checks answer, the same ones ``/readyz`` on the met
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -26,8 +24,8 @@ from appliance.config import Config
 from appliance.metrics.collect import Check, ProcessView
 from appliance.panel import i18n
 from appliance.panel.slices import SliceRenderer
-from appliance.store import Store
-from appliance.store.perms import create_private_file
+from appliance.store import SLICE_CACHE_DIR, Store
+from appliance.store.users import secret
 
 log = logging.getLogger("appliance.panel")
 
@@ -36,7 +34,6 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none';"
     " frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
-SECRET_FILE = "panel-secret.key"
 
 
 class HtmlSafeJSON(DefaultJSONProvider):
@@ -64,24 +61,7 @@ class PanelContext:
         self.store = store
         self.processes = processes
         self.checks = checks
-        self.slices = SliceRenderer(store.data_dir, store.index, store.data_dir / "cache" / "slices")
-
-
-def _secret_key(data_dir: Path) -> bytes:
-    """The session-signing key: made once per box (0640, like the index), so sessions survive restarts."""
-    path = data_dir / SECRET_FILE
-    create_private_file(path)
-    key = path.read_bytes()
-    if len(key) < 32:
-        key = secrets.token_bytes(48)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return key
+        self.slices = SliceRenderer(store.data_dir, store.index, store.data_dir / SLICE_CACHE_DIR)
 
 
 def create_app(
@@ -96,7 +76,7 @@ def create_app(
     pc = config.panel
     app = Flask("appliance.panel", root_path=str(Path(__file__).parent))
     app.config.update(
-        SECRET_KEY=_secret_key(store.data_dir),
+        SECRET_KEY=secret(store.index, "panel-session"),  # sessions survive a restart
         SESSION_COOKIE_NAME="appliance_panel",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",

@@ -540,7 +540,8 @@ class SliceRenderer:
                 sum_id,
             )
         )
-        cached = self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.png"
+        # one folder per series, so retention deletes a purged series' renders with it (store.SLICE_CACHE_DIR)
+        cached = self.cache_dir / stack.series_uid / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.png"
         png = self._read_cached(cached)
         if png is not None:
             return png
@@ -660,7 +661,7 @@ class SliceRenderer:
     def _write_cached(self, path: Path, png: bytes) -> None:
         """Keep ``png``; a cache that cannot be written (disk full, read-only) costs speed, not the answer."""
         try:
-            self.cache_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             write_atomic(path, png)
         except OSError as exc:
             log.warning("slice cache %s not written: %s", self.cache_dir, exc.strerror or exc)
@@ -677,14 +678,17 @@ class SliceRenderer:
         once per many writes, not on each)."""
         entries: list[tuple[int, int, str]] = []
         try:
-            with os.scandir(self.cache_dir) as it:
-                for e in it:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if e.is_file(follow_symlinks=False):
-                        entries.append((st.st_mtime_ns, st.st_size, e.path))
+            with os.scandir(self.cache_dir) as top:
+                folders = [e.path for e in top if e.is_dir(follow_symlinks=False)]
+            for folder in folders:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if e.is_file(follow_symlinks=False):
+                            entries.append((st.st_mtime_ns, st.st_size, e.path))
         except OSError as exc:
             log.warning("slice cache %s cannot be listed: %s", self.cache_dir, exc.strerror or exc)
             return

@@ -16,6 +16,7 @@ from appliance.store.spool import DiskFullError, Spool, check_uid
 
 __all__ = [
     "RESULTS_DIR",
+    "SLICE_CACHE_DIR",
     "DiskFullError",
     "Index",
     "InstanceRecord",
@@ -27,6 +28,8 @@ __all__ = [
 INDEX_NAME = "index.sqlite3"
 #: Under the data directory: one folder per series and model with the job's outputs (worker writes, retention purges).
 RESULTS_DIR = "results"
+#: Under the data directory: the panel's rendered slices, one folder per series (panel writes, retention purges).
+SLICE_CACHE_DIR = "cache/slices"
 
 
 @dataclass

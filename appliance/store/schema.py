@@ -262,6 +262,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_finished ON jobs(state, finished_at);
     CREATE INDEX jobs_model ON jobs(model, id);
     CREATE INDEX series_modality ON series(modality);
+
+    -- Keys the box makes once and keeps (the panel's session-signing key), in the store rather than in loose
+    -- files, so they are as durable and as private as the index.
+    CREATE TABLE secrets (
+        name  TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
     """,
 ]
 

@@ -320,6 +320,13 @@ class Users:
             return lifted
 
 
+def secret(index: Index, name: str, nbytes: int = 48) -> bytes:
+    """The box's secret ``name``, made (random) on first use and kept in the store."""
+    with index.transaction() as c:
+        c.execute("INSERT OR IGNORE INTO secrets(name, value) VALUES (?, ?)", (name, os.urandom(nbytes)))
+        return bytes(c.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0])
+
+
 class Audit:
     """Who did what, from where, when: logins, lockouts, views of a patient's series, retries, suspends,
     user changes. Append-only for the panel; retention keeps it (it holds no patient data, only UIDs)."""
