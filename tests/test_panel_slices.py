@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -348,3 +350,26 @@ def test_a_damaged_label_map_is_slice_unreadable(store: Store) -> None:
     (store.data_dir / rel / "labelmap.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(SliceUnreadable, match="label map"):
         renderer(store).render(s.uid, 0, job_result_dir=rel)
+
+
+def _crash_on_marked(path: Path) -> Any:
+    """Runs in the decoder's child: a file named *crash* dies as a compiled decoder would (no exception)."""
+    if "crash" in path.name:
+        os._exit(3)
+    return slices.decode_frame(path)
+
+
+def test_a_decoder_that_dies_costs_the_slice_not_the_process(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.dcm", tmp_path / "crash.dcm"
+    for p in (good, bad):
+        write_file(ct_dataset(study_uid="1.2.3", series_uid="1.2.3.4", rows=32, cols=32), p)
+    decoder = slices.IsolatedDecoder(_crash_on_marked, workers=1)
+    try:
+        with pytest.raises(slices.SliceUnreadable, match="decoder failed"):
+            decoder(bad)
+        frame, header = decoder(good)  # a fresh child took over
+        assert frame.shape == (32, 32) and int(header.Rows) == 32
+        with pytest.raises(slices.SliceNotFound):  # the child's own answers come back as they are
+            decoder(tmp_path / "gone.dcm")
+    finally:
+        decoder.close()

@@ -23,7 +23,7 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.metrics.collect import Check, ProcessView
 from appliance.panel import i18n
-from appliance.panel.slices import SliceRenderer
+from appliance.panel.slices import IsolatedDecoder, SliceRenderer
 from appliance.store import SLICE_CACHE_DIR, Store
 from appliance.store.users import secret
 
@@ -61,7 +61,9 @@ class PanelContext:
         self.store = store
         self.processes = processes
         self.checks = checks
-        self.slices = SliceRenderer(store.data_dir, store.index, store.data_dir / SLICE_CACHE_DIR)
+        self.slices = SliceRenderer(
+            store.data_dir, store.index, store.data_dir / SLICE_CACHE_DIR, decoder=IsolatedDecoder()
+        )
 
 
 def create_app(

@@ -76,3 +76,6 @@ class PanelServer:
             self.server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         except Exception as exc:  # threads already gone
             log.debug("panel shutdown: %s", exc)
+        close = getattr(getattr(self.app.extensions["panel"].slices, "decoder", None), "close", None)
+        if close is not None:
+            close()  # the decoding children

@@ -22,11 +22,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -213,6 +217,76 @@ def decode_frame(path: Path) -> tuple[np.ndarray, Dataset]:
     except Exception as exc:  # missing plugin, damaged stream, lying header: all one answer to the panel
         raise SliceUnreadable(f"{path.name}: cannot decode its pixel data ({ts.name or ts}): {exc}") from None
     return arr, header
+
+
+#: Address space of a decoding child: a decoder that a hostile file drives past it fails there (MemoryError).
+DECODER_MEMORY_BYTES = 4 * 1024**3
+
+
+def _limit_decoder() -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (DECODER_MEMORY_BYTES, DECODER_MEMORY_BYTES))
+        os.nice(5)
+    except (ImportError, OSError, ValueError):  # not Linux, or a tighter limit already: keep it
+        pass
+
+
+class IsolatedDecoder:
+    """:func:`decode_frame` in child processes. The panel runs inside the supervisor, and the compiled
+    decoders (libjpeg, OpenJPEG, CharLS) are the one place where a hostile file could crash a process
+    rather than raise: here it costs that slice (:class:`SliceUnreadable`) and a fresh child, not the box.
+    A decode that hangs is given up after ``timeout`` seconds the same way."""
+
+    def __init__(
+        self,
+        target: Callable[[Path], tuple[np.ndarray, Dataset]] = decode_frame,
+        *,
+        workers: int = 2,
+        timeout: float = 20.0,
+    ) -> None:
+        self.target = target
+        self.workers = workers
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_decoder
+                )
+            return self._pool
+
+    def _drop(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:  # a hung child must not linger
+            if proc.is_alive():
+                proc.kill()
+
+    def __call__(self, path: Path) -> tuple[np.ndarray, Dataset]:
+        pool = self._get()
+        try:
+            return pool.submit(self.target, path).result(timeout=self.timeout)
+        except BrokenProcessPool:
+            self._drop(pool)
+            log.error("panel: the image decoder died on %s (a damaged or hostile file?); started a new one", path)
+            raise SliceUnreadable(f"{path.name}: the image decoder failed on this file") from None
+        except FutureTimeout:
+            self._drop(pool)
+            raise SliceUnreadable(f"{path.name}: decoding took longer than {self.timeout:g} s") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_image(ds: Dataset, where: str) -> None:
@@ -472,7 +546,9 @@ class SliceRenderer:
         *,
         max_series: int = 32,
         max_labelmap_bytes: int = 256 * _MIB,
+        decoder: Callable[[Path], tuple[np.ndarray, Dataset]] | None = None,
     ) -> None:
+        self.decoder = decoder  # IsolatedDecoder() in the panel; in-process where nothing else is at stake
         self.data_dir = Path(data_dir).absolute()
         self.spool_root = self.data_dir / SPOOL_DIR
         self.index = index
@@ -545,7 +621,7 @@ class SliceRenderer:
         png = self._read_cached(cached)
         if png is not None:
             return png
-        frame, header = decode_frame(path)
+        frame, header = (self.decoder or decode_frame)(path)
         where = f"slice {index} of series {stack.series_uid}"
         try:
             rgb = to_rgb(frame, header, window)
