@@ -201,6 +201,9 @@ class Supervisor:
         self._start_stages(store, packages)
         self._start_worker()
         self._start_metrics(store, packages)
+        # What `appliance status` reads exists before the panel starts (Flask and its catalogues take a
+        # moment to load): a box that receives says so at once.
+        self._publish(store)
         self._start_panel(store, packages)
         self._watch(store)
         self._shut_down(store, sock, procs_lock, lock)
