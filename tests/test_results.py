@@ -266,6 +266,7 @@ def measurement_groups(sr: Dataset) -> dict[str, dict[str, Any]]:
 
 
 VOLUME, LONG_AXIS, QUANTITY = ("SCT", "118565006"), ("SCT", "103339001"), ("SCT", "246205007")
+SHORT_AXIS = ("SCT", "103340004")
 
 
 def test_sr_values_equal_the_summary(built: Built, package: ModelPackage) -> None:
@@ -295,7 +296,9 @@ def test_sr_values_equal_the_summary(built: Built, package: ModelPackage) -> Non
         assert g["source_series"] == built.volume.series_uid
         assert g["nums"][VOLUME] == (d["volume_ml"], "ml")
         assert g["nums"][LONG_AXIS] == (d["longest_axial_diameter_mm"], "mm")
-        assert g["images"] == [d["slice_sop_instance_uid"]]
+        # the short axis, perpendicular on the same slice (RECIST); both name the slice they were measured on
+        assert g["nums"][SHORT_AXIS] == (d["short_axis_mm"], "mm") and 0 < d["short_axis_mm"] <= d["longest_axial_diameter_mm"]
+        assert g["images"] == [d["slice_sop_instance_uid"]] * 2
     assert sorted(k for k in groups if k.startswith("Lesion ")) == sorted(f"Lesion {d['index']}" for d in lesions)
     if built.case == "lesions":
         assert groups["Liver including lesions"]["nums"][VOLUME] == (summary["organs"][0]["volume_ml"], "ml")

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from appliance.infer.components import find_components
+from appliance.infer.components import Components, find_components
 from appliance.infer.labelmap import LabelMap, as_labelmap
-from appliance.models.manifest import Label
+from appliance.models.manifest import Label, Reporting
 
 #: SNOMED CT "Morphologically Altered Structure": labels of this category are counted as lesions.
 LESION_CATEGORY = "49755003"
@@ -57,6 +57,8 @@ class Lesion:
     slice_index: int  # in geometric order, where the longest axial diameter was measured
     slice_sop_instance_uid: str
     centroid_voxel: tuple[float, float, float]  # (slice, row, column)
+    #: The widest extent perpendicular to the longest diameter, on the same slice (RECIST's short axis).
+    short_axis_mm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Measurements:
     labels: tuple[LabelVolume, ...]
     organs: tuple[OrganVolume, ...]
     lesions: tuple[Lesion, ...]
+    #: Lesion components the model found below the package's reporting threshold: not findings, not counted.
+    unreported_lesions: int = 0
+    #: The package's reporting threshold (``[reporting] min_lesion_diameter_mm``) these were measured with.
+    min_lesion_diameter_mm: float = 0.0
 
     @property
     def lesion_count(self) -> int:
@@ -109,9 +115,12 @@ class Measurements:
                         "slice_sop_instance_uid": les.slice_sop_instance_uid,
                         "centroid_voxel": list(les.centroid_voxel),
                         "index": les.index,
+                        "short_axis_mm": les.short_axis_mm,
                     }
                     for les in self.lesions
                 ],
+                "unreported_count": self.unreported_lesions,
+                "reporting": {"min_lesion_diameter_mm": self.min_lesion_diameter_mm},
             },
         }
 
@@ -140,9 +149,12 @@ class Measurements:
                         slice_index=int(x["slice_index"]),
                         slice_sop_instance_uid=str(x["slice_sop_instance_uid"]),
                         centroid_voxel=_triple(x["centroid_voxel"]),
+                        short_axis_mm=float(x.get("short_axis_mm", 0.0)),
                     )
                     for x in d["lesions"]["items"]
                 ),
+                unreported_lesions=int(d["lesions"].get("unreported_count", 0)),
+                min_lesion_diameter_mm=float(d["lesions"].get("reporting", {}).get("min_lesion_diameter_mm", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SummaryFormatError(
@@ -155,17 +167,20 @@ def _triple(v: Any) -> tuple[float, float, float]:
     return (a, b, c)
 
 
-def _longest_in_plane(mask2d: np.ndarray, spacing: tuple[float, float]) -> float:
-    """Longest edge-to-edge distance (mm) across a 2D mask, from the corners of its boundary pixels."""
+def _axes_in_plane(mask2d: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
+    """(longest edge-to-edge distance, widest extent perpendicular to it), mm, of a 2D mask."""
     rows, cols = np.nonzero(mask2d)
-    return _longest_of_pixels(rows, cols, spacing)
+    return _axes_of_pixels(rows, cols, spacing)
 
 
-def _longest_of_pixels(rows: np.ndarray, cols: np.ndarray, spacing: tuple[float, float]) -> float:
-    """:func:`_longest_in_plane` of the pixels at ``rows``, ``cols`` (in any order). Coordinates are taken
-    as given (relative to the component's bounding box), so every path does the very same arithmetic."""
+def _axes_of_pixels(rows: np.ndarray, cols: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
+    """:func:`_axes_in_plane` of the pixels at ``rows``, ``cols`` (in any order). Coordinates are taken
+    as given (relative to the component's bounding box), so every path does the very same arithmetic.
+
+    The short axis is the caliper width of the pixel corners across the longest diameter's direction: what
+    a reader measures with the perpendicular caliper on the same slice."""
     if rows.size == 0:
-        return 0.0
+        return 0.0, 0.0
     # The convex hull's extreme points suffice: for each row keep the leftmost and rightmost pixel.
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
@@ -182,7 +197,28 @@ def _longest_of_pixels(rows: np.ndarray, cols: np.ndarray, spacing: tuple[float,
 
         pts = pts[ConvexHull(pts).vertices]
     d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
-    return float(d.max())
+    i, j = np.unravel_index(int(d.argmax()), d.shape)
+    longest = float(d[i, j])
+    if longest == 0.0:
+        return 0.0, 0.0
+    u = (pts[j] - pts[i]) / longest
+    across = pts @ np.array([-u[1], u[0]])
+    return longest, float(across.max() - across.min())
+
+
+def _reported(longest_mm: float, reporting: Reporting) -> bool:
+    """Whether a lesion is a finding: compared as reported (rounded to 0.1 mm), so a 4.96 mm lesion shown as
+    5.0 mm is not dropped by a 5 mm threshold."""
+    return round(longest_mm, 1) >= reporting.min_lesion_diameter_mm
+
+
+def _organ_of(lesion: Label, label_defs: list[Label]) -> int:
+    """The label value of the organ a lesion label lies in (its ``region``), 0 when the package has none."""
+    if lesion.region is not None:
+        for lab in label_defs:
+            if lab.category.code != LESION_CATEGORY and lab.type.code == lesion.region.code:
+                return lab.value
+    return 0
 
 
 def measure_dense(
@@ -191,12 +227,16 @@ def measure_dense(
     pixel_spacing: tuple[float, float],
     slice_spacing: float,
     sop_instance_uids: list[str],
+    reporting: Reporting | None = None,
 ) -> Measurements:
     """The whole-volume measurement :func:`measure` replaced, kept as the reference the slab path is
-    tested against (it labels the whole volume at once: 4 bytes a voxel)."""
+    tested against (it labels the whole volume at once: 4 bytes a voxel). Like it, it relabels unreported
+    lesions in ``labels`` (in place) unless the package keeps them."""
+    reporting = reporting or Reporting()
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
     counts = np.bincount(labels.ravel(), minlength=256)
-    lesions = []
+    lesions: list[Lesion] = []
+    unreported = 0
     for lab in label_defs:
         n = int(counts[lab.value])
         if lab.category.code != LESION_CATEGORY or n == 0:
@@ -206,12 +246,12 @@ def measure_dense(
         sizes = np.bincount(comp.ravel(), minlength=k + 1)
         for i, sl in enumerate(objects, start=1):
             sub = comp[sl] == i
-            best, best_z = 0.0, sl[0].start
+            best, best_short, best_z = 0.0, 0.0, sl[0].start
             for dz in range(sub.shape[0]):
                 if sub[dz].any():
-                    d = _longest_in_plane(sub[dz], pixel_spacing)
+                    d, short = _axes_in_plane(sub[dz], pixel_spacing)
                     if d > best:
-                        best, best_z = d, sl[0].start + dz
+                        best, best_short, best_z = d, short, sl[0].start + dz
             zc, rc, cc = ndimage.center_of_mass(sub)
             lesions.append(
                 Lesion(
@@ -226,9 +266,19 @@ def measure_dense(
                         float(round(rc + sl[1].start, 1)),
                         float(round(cc + sl[2].start, 1)),
                     ),
+                    short_axis_mm=round(best_short, 1),
                 )
             )
-    return _report(counts, lesions, label_defs, voxel_ml)
+            if not _reported(best, reporting):
+                lesions.pop()
+                unreported += 1
+                if not reporting.keep_unreported_in_labelmap:
+                    n = int(sizes[i])
+                    organ = _organ_of(lab, label_defs)
+                    labels[sl][sub] = organ
+                    counts[lab.value] -= n
+                    counts[organ] += n
+    return _report(counts, lesions, label_defs, voxel_ml, unreported, reporting)
 
 
 def measure(
@@ -238,22 +288,29 @@ def measure(
     slice_spacing: float,
     sop_instance_uids: list[str],
     slab_slices: int = 64,
+    reporting: Reporting | None = None,
 ) -> Measurements:
-    """Label volumes, organ volumes and lesions of a label map, ``slab_slices`` slices at a time.
+    """Label volumes, organ volumes and the reported lesions of a label map, ``slab_slices`` slices at a time.
 
     The same numbers as :func:`measure_dense` (lesions numbered, ordered and measured identically), with
-    memory bounded by a slab's window of the lesion labels instead of the whole volume.
+    memory bounded by a slab's window of the lesion labels instead of the whole volume. Lesions below the
+    package's reporting threshold are left out (counted as ``unreported_lesions``) and, unless the package
+    keeps them, their voxels are given back to the organ they lie in, in ``labels`` itself (a LabelMap is
+    changed in place), so the SEG, the key image and ``labelmap.npz`` show the reported findings only.
     """
+    reporting = reporting or Reporting()
     lm = as_labelmap(labels)
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
     counts = lm.counts(256)
     lesions: list[Lesion] = []
+    unreported = 0
     for lab in label_defs:
         if lab.category.code != LESION_CATEGORY or counts[lab.value] == 0:
             continue
         comps = find_components(lm, [lab.value], slab_slices, full=True)
         m = comps.count
         best = np.zeros(m, dtype=np.float64)
+        best_short = np.zeros(m, dtype=np.float64)
         best_z = comps.lo[:, 0].copy()
         # Coordinate sums relative to each component's bounding box, exact in integers: the centroid is then
         # computed as ndimage.center_of_mass computes it on the component's crop.
@@ -270,9 +327,9 @@ def measure(
             cuts = np.flatnonzero(np.diff(key)) + 1
             for part in np.split(order, cuts):
                 i, zz = int(ids[part[0]]), int(gz[part[0]])
-                d = _longest_of_pixels(rel_r[part], rel_c[part], pixel_spacing)
+                d, short = _axes_of_pixels(rel_r[part], rel_c[part], pixel_spacing)
                 if d > best[i]:
-                    best[i], best_z[i] = d, zz
+                    best[i], best_short[i], best_z[i] = d, short, zz
         for i in range(m):
             n = int(comps.sizes[i])
             # np.float64 as ndimage.center_of_mass returns, so round() rounds as the whole-volume code did
@@ -288,12 +345,49 @@ def measure(
                     slice_index=int(best_z[i]),
                     slice_sop_instance_uid=sop_instance_uids[int(best_z[i])],
                     centroid_voxel=(float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))),
+                    short_axis_mm=round(float(best_short[i]), 1),
                 )
             )
-    return _report(counts, lesions, label_defs, voxel_ml)
+        dropped = [i for i in range(m) if not _reported(float(best[i]), reporting)]
+        if dropped:
+            keep = np.ones(m + 1, dtype=bool)
+            keep[np.asarray(dropped) + 1] = False
+            first = len(lesions) - m  # this label's lesions are the last m found
+            lesions = lesions[:first] + [les for j, les in enumerate(lesions[first:]) if keep[j + 1]]
+            unreported += len(dropped)
+            if not reporting.keep_unreported_in_labelmap:
+                organ = _organ_of(lab, label_defs)
+                _relabel(lm, comps, ~keep, organ)
+                n = int(comps.sizes[np.asarray(dropped)].sum())
+                counts[lab.value] -= n
+                counts[organ] += n
+    return _report(counts, lesions, label_defs, voxel_ml, unreported, reporting)
 
 
-def _report(counts: np.ndarray, lesions: list[Lesion], label_defs: list[Label], voxel_ml: float) -> Measurements:
+def _relabel(lm: LabelMap, comps: Components, drop: np.ndarray, value: int) -> None:
+    """Set the voxels of the components marked in ``drop`` (indexed by component number) to ``value``,
+    slab by slab (whole slices: the organ around a lesion reaches past the lesion label's window)."""
+    drop = drop.copy()
+    drop[0] = False
+    for slab, comp in comps.labelled(lm):
+        hit = drop[comp]
+        if not hit.any():
+            continue
+        full = lm.slab(slab.start, slab.stop)
+        r0, r1, c0, c1 = slab.box
+        window = full[:, r0:r1, c0:c1]
+        window[hit] = value
+        lm.set_slab(slab.start, full)
+
+
+def _report(
+    counts: np.ndarray,
+    lesions: list[Lesion],
+    label_defs: list[Label],
+    voxel_ml: float,
+    unreported: int = 0,
+    reporting: Reporting | None = None,
+) -> Measurements:
     """The measurements from voxel counts per label value and the lesions found (numbered here, largest first)."""
     out_labels = tuple(
         LabelVolume(lab.value, lab.name, int(counts[lab.value]), round(int(counts[lab.value]) * voxel_ml, 3))
@@ -311,4 +405,11 @@ def _report(counts: np.ndarray, lesions: list[Lesion], label_defs: list[Label], 
             inside = [d.value for d in label_defs if d.region is not None and d.region.code == lab.type.code]
             n = int(counts[lab.value] + sum(int(counts[v]) for v in inside))
             organs.append(OrganVolume(lab.name, (lab.value, *inside), n, round(n * voxel_ml, 3)))
-    return Measurements(voxel_volume_ml=voxel_ml, labels=out_labels, organs=tuple(organs), lesions=numbered)
+    return Measurements(
+        voxel_volume_ml=voxel_ml,
+        labels=out_labels,
+        organs=tuple(organs),
+        lesions=numbered,
+        unreported_lesions=unreported,
+        min_lesion_diameter_mm=(reporting or Reporting()).min_lesion_diameter_mm,
+    )

@@ -333,6 +333,7 @@ def _run_series(
         volume.slice_spacing,
         volume.sop_instance_uids,
         slab_slices=plan.post,
+        reporting=package.manifest.reporting,
     )
     timings["measure"] = time.perf_counter() - t
     summary = Summary(

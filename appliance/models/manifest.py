@@ -82,6 +82,16 @@ class PostProcess(_Strict):
     largest_component: list[int] = Field(default_factory=list)
 
 
+class Reporting(_Strict):
+    """What of the model's lesion output becomes a reported finding (counted in the SR, drawn in the SEG and
+    the key image): a lesion whose longest axial diameter is below ``min_lesion_diameter_mm`` is not
+    reported, counted or measured. Its voxels go back to the organ it lies in, unless
+    ``keep_unreported_in_labelmap`` (then they stay lesion-labelled in ``labelmap.npz`` and the SEG)."""
+
+    min_lesion_diameter_mm: Annotated[float, Field(ge=0, le=200)] = 0.0
+    keep_unreported_in_labelmap: bool = False
+
+
 class Manifest(_Strict):
     schema_: Literal[1] = Field(alias="schema")
     name: str
@@ -95,6 +105,7 @@ class Manifest(_Strict):
     normalisation: Normalisation
     output: OutputTable
     postprocess: PostProcess = Field(default_factory=PostProcess)
+    reporting: Reporting = Field(default_factory=Reporting)
     labels: Annotated[list[Label], Field(min_length=1)]
     files: dict[str, str]
     #: Free-form provenance (training script, seed, measured accuracy); not interpreted.

@@ -151,6 +151,8 @@ def _summary(store: Store, result_dir: str | None) -> dict[str, Any] | None:
             "count": len(m.lesions),
             "total_ml": sum(x.volume_ml for x in m.lesions),
             "largest": [asdict(x) for x in lesions[:5]],
+            "unreported": m.unreported_lesions,
+            "threshold_mm": m.min_lesion_diameter_mm,
         },
         "slices": s.series.slices,
         "warnings": list(s.series.warnings),

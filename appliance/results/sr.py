@@ -152,17 +152,22 @@ def make_sr(
                 f"which model {package.name} does not define"
             )
         lab = found
+        on_slice = [
+            hd.sr.SourceImageForMeasurement(
+                referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
+                referenced_sop_instance_uid=les.slice_sop_instance_uid,
+            )
+        ]
         diameter = hd.sr.Measurement(
-            name=codes.SCT.LongAxis,
-            value=les.longest_axial_diameter_mm,
-            unit=UNIT_MM,
-            referenced_images=[
-                hd.sr.SourceImageForMeasurement(
-                    referenced_sop_class_uid=str(conformant(volume.reference).SOPClassUID),
-                    referenced_sop_instance_uid=les.slice_sop_instance_uid,
-                )
-            ],
+            name=codes.SCT.LongAxis, value=les.longest_axial_diameter_mm, unit=UNIT_MM, referenced_images=on_slice
         )
+        axes = [diameter]
+        if les.short_axis_mm > 0:  # measured on the same slice, perpendicular to the long axis (RECIST)
+            axes.append(
+                hd.sr.Measurement(
+                    name=codes.SCT.ShortAxis, value=les.short_axis_mm, unit=UNIT_MM, referenced_images=on_slice
+                )
+            )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.new_uid(), identifier=f"Lesion {les.index}"),
@@ -171,7 +176,7 @@ def make_sr(
                 finding_category=coded(lab.category),
                 finding_sites=_sites(lab),
                 algorithm_id=algorithm,
-                measurements=[volume_ml(les.volume_ml), diameter],
+                measurements=[volume_ml(les.volume_ml), *axes],
             )
         )
 

@@ -159,6 +159,8 @@ def manifest_fields(out: Path, info: dict) -> dict[str, Any]:
         "normalisation": {"kind": "hu_window", "window": list(SPEC.window)},
         "output": {"tensor": "logits", "kind": "scores", "classes": N_CLASSES},
         "postprocess": {"largest_component": [1, 2]},
+        # a finding is at least 5 mm across (smaller components are noise at this model's 2 mm grid)
+        "reporting": {"min_lesion_diameter_mm": 5.0},
         "labels": list(manifest.LIVER_LABELS),
         "files": manifest.file_digests(out, ("model.onnx", "MODEL_CARD.md")),
         "training": training,

@@ -1,0 +1,134 @@
+"""Findings, not components: the package's reporting threshold decides what a lesion component becomes.
+
+On constructed label maps (1 = liver, 2 = liver lesion): a speck at the hilum below the threshold is not
+reported, counted or measured and goes back to the liver in the label map (unless the package keeps it);
+a lesion split across slices is one finding; a lesion outside the liver is gone after the package's
+clean-up; a thin crescent along the liver edge has the short axis of a crescent. The slab path and the
+whole-volume reference agree on all of it, label maps included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.infer.labelmap import LabelMap
+from appliance.infer.measure import Measurements, measure, measure_dense
+from appliance.infer.postprocess import keep_largest_component
+from appliance.models.manifest import Reporting
+from tests.test_infer_pipeline import LABELS
+
+SPACING = (0.8, 0.8)
+SLICE_MM = 2.0
+UIDS = [f"1.2.3.{i}" for i in range(24)]
+
+
+def _liver() -> np.ndarray:
+    labels = np.zeros((24, 96, 96), np.uint8)
+    zz, yy, xx = np.mgrid[:24, :96, :96]
+    labels[((yy - 48) / 40.0) ** 2 + ((xx - 48) / 40.0) ** 2 + ((zz - 12) / 11.0) ** 2 <= 1.0] = 1
+    return labels
+
+
+def _disc(labels: np.ndarray, z: slice, cy: int, cx: int, r: float, value: int = 2) -> None:
+    yy, xx = np.mgrid[: labels.shape[1], : labels.shape[2]]
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    labels[z][:, inside] = value
+
+
+def _case() -> np.ndarray:
+    labels = _liver()
+    _disc(labels, slice(10, 14), 40, 40, 9.0)  # a 15 mm lesion over 4 slices: one finding
+    labels[12, 60:62, 60:62] = 2  # a 1.6 mm speck at the hilum: below a 5 mm threshold
+    return labels
+
+
+def test_a_speck_below_the_threshold_is_not_a_finding_and_goes_back_to_the_liver() -> None:
+    labels = _case()
+    before = measure(labels.copy(), LABELS, SPACING, SLICE_MM, UIDS)
+    assert before.lesion_count == 2 and before.unreported_lesions == 0  # no threshold: both reported
+    lm = LabelMap.from_array(labels)
+    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=5, reporting=Reporting(min_lesion_diameter_mm=5))
+    assert m.lesion_count == 1 and m.unreported_lesions == 1 and m.min_lesion_diameter_mm == 5
+    (finding,) = m.lesions
+    assert finding.index == 1 and 14.0 <= finding.longest_axial_diameter_mm <= 16.0
+    assert 10 <= finding.slice_index <= 13
+    out = lm.to_array()
+    assert (out[12, 60:62, 60:62] == 1).all()  # the speck is liver again
+    assert int((out == 2).sum()) == int((labels == 2).sum()) - 4
+    # the liver as a clinician means it (lesions inside included) does not change; its own label gains the speck
+    assert m.organs[0].voxels == before.organs[0].voxels
+    liver = m.label_volume(1)
+    lesion = m.label_volume(2)
+    assert liver is not None and lesion is not None
+    assert liver.voxels == int((out == 1).sum()) and lesion.voxels == int((out == 2).sum())
+
+
+def test_a_package_may_keep_unreported_lesions_in_the_label_map() -> None:
+    labels = _case()
+    lm = LabelMap.from_array(labels)
+    keep = Reporting(min_lesion_diameter_mm=5, keep_unreported_in_labelmap=True)
+    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=7, reporting=keep)
+    assert m.lesion_count == 1 and m.unreported_lesions == 1
+    assert np.array_equal(lm.to_array(), labels)
+    assert m.label_volume(2).voxels == int((labels == 2).sum())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("slab", [1, 3, 5, 24])
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_slab_path_agrees_with_the_whole_volume_reference(slab: int, keep: bool) -> None:
+    labels = _case()
+    _disc(labels, slice(3, 4), 70, 30, 3.5)  # 5.6 mm on one slice: just reported
+    _disc(labels, slice(16, 18), 60, 66, 2.0)  # 3.2 mm: not
+    reporting = Reporting(min_lesion_diameter_mm=5, keep_unreported_in_labelmap=keep)
+    dense = labels.copy()
+    ref = measure_dense(dense, LABELS, SPACING, SLICE_MM, UIDS, reporting=reporting)
+    lm = LabelMap.from_array(labels)
+    got = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=slab, reporting=reporting)
+    assert got == ref
+    assert np.array_equal(lm.to_array(), dense)
+    assert ref.lesion_count == 2 and ref.unreported_lesions == 2
+
+
+def test_a_lesion_outside_the_liver_is_removed_by_the_packages_clean_up() -> None:
+    labels = _liver()
+    _disc(labels, slice(10, 12), 40, 40, 6.0)
+    labels[10:12, 90:95, 2:7] = 2  # in the corner, touching no liver voxel
+    cleaned = keep_largest_component(labels, classes=[1, 2])
+    m = measure(cleaned, LABELS, SPACING, SLICE_MM, UIDS)
+    assert m.lesion_count == 1
+
+
+def test_short_axes_tell_a_round_lesion_from_a_crescent_along_the_edge() -> None:
+    labels = _liver()
+    _disc(labels, slice(14, 15), 48, 48, 10.0)  # round: 16 mm across both ways
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    crescent = (r >= 36) & (r <= 38.5) & (yy < 40)  # a 2-pixel rim along the upper edge
+    labels[11][crescent & (labels[11] == 1)] = 2
+    m = measure(labels, LABELS, SPACING, SLICE_MM, UIDS)
+    by_slice = {les.slice_index: les for les in m.lesions}
+    round_, rim = by_slice[14], by_slice[11]
+    assert abs(round_.short_axis_mm - round_.longest_axial_diameter_mm) <= 1.6
+    assert rim.longest_axial_diameter_mm > 40 and rim.short_axis_mm < 0.5 * rim.longest_axial_diameter_mm
+
+
+def test_the_summary_keeps_its_shape_and_reads_older_ones() -> None:
+    m = measure(_case(), LABELS, SPACING, SLICE_MM, UIDS, reporting=Reporting(min_lesion_diameter_mm=5))
+    d = m.to_dict()
+    assert d["lesions"]["count"] == 1 and d["lesions"]["unreported_count"] == 1
+    assert {"volume_ml", "longest_axial_diameter_mm", "short_axis_mm"} <= set(d["lesions"]["items"][0])
+    assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0}
+    assert Measurements.from_dict(d) == m
+    old = dict(d, lesions={k: v for k, v in d["lesions"].items() if k not in ("unreported_count", "reporting")})
+    old["lesions"]["items"] = [{k: v for k, v in it.items() if k != "short_axis_mm"} for it in d["lesions"]["items"]]
+    back = Measurements.from_dict(old)
+    assert back.unreported_lesions == 0 and back.lesions[0].short_axis_mm == 0.0
+
+
+def test_the_manifest_bounds_the_threshold() -> None:
+    assert Reporting().min_lesion_diameter_mm == 0.0  # packages without [reporting] report every component
+    with pytest.raises(ValueError):
+        Reporting(min_lesion_diameter_mm=-1)
+    with pytest.raises(ValueError):
+        Reporting.model_validate({"min_lesion_diameter_mm": 5, "typo": 1})
