@@ -255,7 +255,13 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in s.measurements.organs)
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
     print(
-        f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion(s); "
+        f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion finding(s)"
+        + (
+            f" ({s.measurements.unreported_lesions} under {s.measurements.min_lesion_diameter_mm:g} mm not reported)"
+            if s.measurements.unreported_lesions
+            else ""
+        )
+        + "; "
         + ", ".join(f"{k} {v:.2f}s" for k, v in s.timings_s.items())
     )
     return 0
