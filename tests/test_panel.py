@@ -753,6 +753,15 @@ def test_failed_logins_lock_the_account_then_the_address_until_an_admin_unlocks(
     assert csv_text.count("\n") == 3 and "address:10.9.9.9" in csv_text
 
 
+def test_twenty_wrong_passwords_lock_the_account_and_the_address_with_the_defaults(panel: Panel) -> None:
+    c = panel.client("10.7.7.7")
+    for i in range(20):  # the account locks at 10; the 10 refused while it is locked still count for the address
+        assert login(c, TECH, f"guess {i}").status_code == 401
+    locks = {(lk["kind"], lk["key"]) for lk in Users(panel.store.index).lockouts()}
+    assert locks == {("account", TECH), ("address", "10.7.7.7")}
+    assert "Too many failed logins" in login(c, VIEWER, VIEWER_PW).text  # another account, same address
+
+
 def test_the_lockout_limits_come_from_the_panel_config(tmp_path: Path) -> None:
     p = make_panel(tmp_path, populated=False, lockout_account_failures=20, lockout_address_failures=20,
                    lockout_seconds=120.0)
