@@ -252,19 +252,39 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
             # (e.g. an anonymiser blanked its UIDs) must not hide them.
             print(f"appliance infer: warning: DICOM results not written: {exc}", file=sys.stderr)
     s = result.summary
-    organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in s.measurements.organs)
+    m = s.measurements
+    organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in m.organs)
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
+    threshold = f"under {m.min_lesion_diameter_mm:g} mm" + (
+        f" or under {m.min_confidence:g} confidence" if m.min_confidence else ""
+    )
     print(
-        f"{out}: {files_made}: {organs}; {s.measurements.lesion_count} lesion finding(s)"
-        + (
-            f" ({s.measurements.unreported_lesions} under {s.measurements.min_lesion_diameter_mm:g} mm not reported)"
-            if s.measurements.unreported_lesions
-            else ""
-        )
+        f"{out}: {files_made}: {organs}; {m.lesion_count} lesion finding(s)"
+        + (f" ({m.unreported_lesions} {threshold} not reported)" if m.unreported_lesions else "")
         + "; "
         + ", ".join(f"{k} {v:.2f}s" for k, v in s.timings_s.items())
     )
+    for les in sorted(m.lesions, key=lambda x: x.index)[:20]:
+        print("  " + _finding_line(les))
+    if m.lesion_count > 20:
+        print(f"  ... and {m.lesion_count - 20} more (summary.json lists them all)")
     return 0
+
+
+def _finding_line(les: Any) -> str:
+    """One finding as a reader says it: size first, then where it is and what it looks like."""
+    parts = [
+        f"finding {les.index}: {les.longest_axial_diameter_mm:.1f} x {les.short_axis_mm:.1f} mm",
+        f"{les.volume_ml:.2f} mL",
+        f"slice {les.slice_index + 1}",
+    ]
+    if les.octant:
+        parts.append(les.octant)
+    if les.attenuation:
+        parts.append(f"{les.attenuation}-attenuating ({les.mean_hu:.0f} HU against {les.surrounding_hu:.0f})")
+    if les.confidence is not None:
+        parts.append(f"confidence {les.confidence:.2f}")
+    return ", ".join(parts)
 
 
 def _outbox(cfg: Config) -> Any:

@@ -16,11 +16,20 @@ Global lesion Dice is dominated by the few largest lesions of a set, so the scri
 lesion (a reference lesion, one 3D connected component, is found when any predicted lesion voxel overlaps
 it), by equivalent-sphere diameter, and predicted lesion components that touch no reference lesion (false
 positives). ``--package`` may be given more than once: every package sees the same rendered phantoms.
+
+Per finding (``appliance_dev.lesion_eval``), as a reader counts: the findings the appliance reports (the
+package's diameter threshold applied by serving's own ``measure``; every confidence kept), sensitivity by
+reference size (< 10, 10-20, >= 20 mm longest axial diameter), false-positive findings per case by size, the
+size error of the reported diameters, and an FROC curve over the confidence threshold (``--json`` and
+``--froc-png``). ``--split validation`` evaluates phantoms from seed 3,000,000 instead of the held-out ones
+and proposes the confidence threshold (the lowest keeping false findings of 10 mm or more at or under
+``--max-fp`` per case): thresholds are chosen there, never on the held-out phantoms or the real CT.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,12 +41,26 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from appliance.infer.measure import LESION_CATEGORY
 from appliance.infer.postprocess import keep_largest_component
-from appliance.infer.preprocess import InputSpec, batch_input, model_grid, scores_to_source, to_model_grid
+from appliance.infer.preprocess import (
+    InputSpec,
+    batch_input,
+    class_confidence,
+    model_grid,
+    scores_to_labels,
+    scores_to_source,
+    to_model_grid,
+)
+from appliance.models.manifest import Label
+from appliance_dev import lesion_eval as le
 from appliance_dev.real_ct import REAL_CT, dice, real_views
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_SEED0 = 1_000_000
+#: Validation phantoms, where thresholds are chosen: disjoint from training (0..), held-out (1,000,000..) and
+#: the CI test cases (2,000,001..).
+VALIDATION_SEED0 = 3_000_000
 
 
 def load_package(folder: Path, threads: int):
@@ -65,6 +88,24 @@ def predict(sess, spec: InputSpec, man: dict, hu: np.ndarray, spacing: tuple[flo
         scores = sess.run([man["output"]["tensor"]], {man["input"]["tensor"]: batch_input(prep, s, e, spec.channels)})[0]
         out[s:e] = scores_to_source(scores, grid).argmax(axis=1)
     return keep_largest_component(out, classes=man["postprocess"]["largest_component"])
+
+
+def predict_findings(sess, spec: InputSpec, man: dict, hu: np.ndarray, spacing: tuple[float, float]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (as :func:`predict`) and the model's probability of each lesion pixel's label (0..255), the way
+    serving computes them (``scores_to_labels``, ``class_confidence``)."""
+    grid = model_grid(hu.shape[1], hu.shape[2], spacing, spec)
+    prep = to_model_grid(hu, grid, spec)
+    batch = int(man["input"].get("max_batch", 16))
+    lesion_values = [int(lab["value"]) for lab in man["labels"] if lab["category"]["code"] == LESION_CATEGORY]
+    out = np.zeros(hu.shape, np.uint8)
+    conf = np.zeros(hu.shape, np.uint8)
+    for s in range(0, prep.shape[0], batch):
+        e = min(s + batch, prep.shape[0])
+        scores = sess.run([man["output"]["tensor"]], {man["input"]["tensor"]: batch_input(prep, s, e, spec.channels)})[0]
+        scores_to_labels(scores, grid, out=out[s:e])
+        class_confidence(scores, grid, out[s:e], lesion_values, out=conf[s:e])
+    return keep_largest_component(out, classes=man["postprocess"]["largest_component"]), conf
 
 
 SIZE_BANDS_MM = ((0.0, 10.0), (10.0, 20.0), (20.0, float("inf")))
@@ -109,9 +150,12 @@ def lesion_error_terms(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
             "false-positive components": int(isolated.sum()), "over-segmentation": int(fp.sum() - isolated.sum())}
 
 
-def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
+def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int, seed0: int = HELDOUT_SEED0,
+                  variety: int = 1) -> dict[str, list[le.Case]]:
+    """Voxel Dice and component detection printed as before; the per-finding cases returned."""
     from appliance_dev.synthetic import sample_case
 
+    cases: dict[str, list[le.Case]] = {name: [] for name, _ in models}
     acc: dict[str, dict[str, list[int]]] = {name: {} for name, _ in models}
     found: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in models}
     false_pos = {name: 0 for name, _ in models}
@@ -119,13 +163,16 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
     t0 = time.time()
     for i in range(n):
         kind = "full" if i % 2 == 0 else "targeted"
-        hu, lab, meta = sample_case(HELDOUT_SEED0 + i, n_slices=slices, fov_kind=kind)
+        hu, lab, meta = sample_case(seed0 + i, n_slices=slices, fov_kind=kind, variety=variety)
         zs = meta["z_positions"]
         dz = abs(zs[1] - zs[0]) if len(zs) > 1 else 1.0
         voxel_ml = meta["pixel_spacing"][0] * meta["pixel_spacing"][1] * dz / 1000.0
         line = []
         for name, (man, spec, sess) in models:
-            pred = predict(sess, spec, man, hu, meta["pixel_spacing"])
+            pred, conf = predict_findings(sess, spec, man, hu, meta["pixel_spacing"])
+            cases[name].append(le.case_findings(
+                f"phantom {seed0 + i}", pred, conf, hu, lab == 2, _labels(man), tuple(meta["pixel_spacing"]), dz,
+                _min_mm(man), tags=(kind, meta["phase"])))
             for group in ("all", kind, meta["phase"]):
                 g = acc[name].setdefault(group, [0, 0, 0, 0])
                 for j, (p, t) in enumerate(((pred > 0, lab > 0), (pred == 2, lab == 2))):
@@ -157,19 +204,72 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int) -> None:
         denom = 2 * t["tp"] + sum(t[k] for k in ERROR_TERMS)
         print(f"{name}: lesion Dice lost to (Dice if that term were zero): " + ", ".join(
             f"{k} {t[k]} voxels ({2 * t['tp'] / max(denom - t[k], 1):.3f})" for k in ERROR_TERMS))
+    return cases
 
 
-def eval_real(models: list[tuple[str, tuple]], folder: Path) -> None:
-    """Liver Dice on the real series as acquired and on the views derived from it (see appliance_dev/real_ct.py)."""
+def _labels(man: dict) -> list[Label]:
+    return [Label.model_validate(lab) for lab in man["labels"]]
+
+
+def _min_mm(man: dict) -> float:
+    return float(man.get("reporting", {}).get("min_lesion_diameter_mm", 0.0))
+
+
+def _min_conf(man: dict) -> float:
+    return float(man.get("reporting", {}).get("min_confidence", 0.0))
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def report_findings(name: str, cases: list[le.Case], threshold: float, what: str) -> dict:
+    """The per-finding table of ``cases`` at ``threshold``, printed, and the JSON of it and of the FROC curve."""
+    t = le.tally(cases, threshold)
+    sens = ", ".join(f"{b} mm {t.found[b]}/{t.reference[b]}" for b in le.BAND_NAMES)
+    fps = ", ".join(f"{b} mm {t.fp_per_case([b]):.2f}" for b in le.BAND_NAMES)
+    print(f"{name}: {what} findings at confidence >= {threshold:.2f} ({t.cases} cases): sensitivity {sens} "
+          f"(>= 10 mm {_fmt(t.sensitivity(le.BAND_NAMES[1:]))}); false-positive findings per case {fps} "
+          f"(>= 10 mm {t.fp_per_case(le.BAND_NAMES[1:]):.2f}); {t.reported / max(t.cases, 1):.2f} reported per case")
+    err = t.size_error()
+    print(f"{name}: {what} size error (reported - reference longest axial diameter, by reference size): " + ", ".join(
+        f"{b} mm " + ("n/a" if e is None else f"mean {e['mean_mm']:+.1f}, median |err| {e['median_abs_mm']:.1f} (n={e['n']})")
+        for b, e in err.items()))
+    groups = {}
+    for tag in sorted({g for c in cases for g in c.tags}):
+        groups[tag] = le.tally(cases, threshold, keep=lambda c, tag=tag: tag in c.tags).to_dict()
+    curve = le.froc(cases)
+    return {"at_threshold": t.to_dict(), "groups": groups, "froc": [x.to_dict() for x in curve],
+            "cases": [{"name": c.name, "tags": list(c.tags), "reference_mm": list(c.reference_mm),
+                       "findings": [{"diameter_mm": f.lesion.longest_axial_diameter_mm,
+                                     "short_axis_mm": f.lesion.short_axis_mm, "volume_ml": f.lesion.volume_ml,
+                                     "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
+                                     "surrounding_hu": f.lesion.surrounding_hu, "true": bool(f.hits)}
+                                    for f in c.findings]}
+                      for c in cases]}
+
+
+def eval_real(models: list[tuple[str, tuple]], folder: Path) -> dict[str, list[le.Case]]:
+    """Liver Dice on the real series as acquired and on the views derived from it (see appliance_dev/real_ct.py),
+    and its findings: its liver shows no focal lesion, so every finding is a false one."""
+    cases: dict[str, list[le.Case]] = {name: [] for name, _ in models}
     for view in real_views(folder):
         for name, (man, spec, sess) in models:
             t0 = time.time()
-            pred = predict(sess, spec, man, view.hu, view.spacing)
+            pred, conf = predict_findings(sess, spec, man, view.hu, view.spacing)
+            case = le.case_findings(f"real CT {view.name}", pred, conf, view.hu, None, _labels(man), view.spacing,
+                                    view.slice_mm, _min_mm(man), tags=(view.name,))
+            cases[name].append(case)
+            kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= _min_conf(man) - 1e-9]
+            big = [f for f in kept if f.lesion.longest_axial_diameter_mm >= 10.0]
             print(f"{name}: real CT {view.name} ({view.hu.shape[0]}x{view.hu.shape[1]}x{view.hu.shape[2]}, "
                   f"{view.fov_mm:.0f} mm field of view, {view.spacing[0]:.2f} mm pixels, {view.slice_mm:g} mm slices, "
                   f"{time.time() - t0:.1f}s): liver Dice {dice(pred > 0, view.liver):.4f} "
                   f"(label 1 only {dice(pred == 1, view.liver):.4f}); lesion voxels predicted {int((pred == 2).sum())} "
-                  f"({(pred == 2).sum() * view.spacing[0] * view.spacing[1] * view.slice_mm / 1000:.1f} mL)")
+                  f"({(pred == 2).sum() * view.spacing[0] * view.spacing[1] * view.slice_mm / 1000:.1f} mL); "
+                  f"{len(kept)} findings reported ({len(big)} >= 10 mm"
+                  + (f", largest {max(f.lesion.longest_axial_diameter_mm for f in big):.1f} mm" if big else "") + ")")
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,18 +280,77 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=32, help="slices per phantom (default 32)")
     p.add_argument("--real", type=Path, default=REAL_CT, help="real CT folder (dicom/ and liver_reference.npz)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--split", choices=["heldout", "validation"], default="heldout",
+                   help="held-out phantoms (seeds from 1,000,000; the reported figures) or validation phantoms "
+                        "(from 3,000,000; where the confidence threshold is chosen)")
+    p.add_argument("--variety", type=int, choices=[1, 2], default=1,
+                   help="phantom generator: 1 portal/arterial (the card's sets), 2 adds delayed and unenhanced "
+                        "phases, fatty livers and lesion-free patients")
+    p.add_argument("--no-real", action="store_true", help="skip the real CT")
+    p.add_argument("--max-fp", type=float, default=0.2,
+                   help="validation: false-positive findings of 10 mm or more per case the chosen threshold allows")
+    p.add_argument("--rule", choices=["free", "fp"], default="free",
+                   help="validation: propose the highest threshold costing no sensitivity >= 10 mm ('free', "
+                        "default) or the lowest meeting --max-fp ('fp')")
+    p.add_argument("--json", type=Path, default=None, help="write the per-finding figures and FROC curves here")
+    p.add_argument("--froc-png", type=Path, default=None, help="draw the FROC curves into this PNG")
     a = p.parse_args(argv)
     folders = a.package or [ROOT / "models" / "liver-ct-demo"]
     models = []
     for f in folders:
         loaded = load_package(f, a.threads)
-        models.append((f"{f.name} {loaded[0]['version']}" if len(folders) == 1 else str(f), loaded))
-    if a.phantoms:
-        eval_phantoms(models, a.phantoms, a.slices)
-    if (a.real / "liver_reference.npz").exists():
-        eval_real(models, a.real)
-    else:
+        models.append((f"{f.name} {loaded[0]['version']}", loaded))
+    if len({name for name, _ in models}) < len(models):  # the same package name and version twice: say where
+        models = [(str(f), m) for f, (_, m) in zip(folders, models)]
+    seed0 = VALIDATION_SEED0 if a.split == "validation" else HELDOUT_SEED0
+    phantom_cases = eval_phantoms(models, a.phantoms, a.slices, seed0, a.variety) if a.phantoms else {}
+    real_cases: dict[str, list[le.Case]] = {}
+    if a.no_real:
+        pass
+    elif (a.real / "liver_reference.npz").exists() and a.split == "heldout":
+        real_cases = eval_real(models, a.real)
+    elif a.split == "heldout":
         print(f"real CT not found at {a.real}; skipped", file=sys.stderr)
+    out: dict = {"split": a.split, "seed0": seed0, "variety": a.variety, "phantoms": a.phantoms, "slices": a.slices,
+                 "models": {}}
+    curves: dict[str, list[le.Tally]] = {}
+    marks: dict[str, float] = {}
+    for name, (man, _, _) in models:
+        threshold = _min_conf(man)
+        entry: dict = {"min_lesion_diameter_mm": _min_mm(man), "min_confidence": threshold}
+        if phantom_cases.get(name):
+            if a.split == "validation":
+                chosen = le.choose_threshold(le.froc(phantom_cases[name]), a.max_fp)
+                print(f"{name}: validation: confidence threshold {chosen.threshold:.2f} keeps false findings of "
+                      f">= 10 mm at {chosen.fp_per_case(le.BAND_NAMES[1:]):.2f} per case (want <= {a.max_fp:g}), "
+                      f"sensitivity >= 10 mm {_fmt(chosen.sensitivity(le.BAND_NAMES[1:]))}")
+                free = le.free_threshold(le.froc(phantom_cases[name]))
+                print(f"{name}: validation: confidence threshold {free.threshold:.2f} is the highest that keeps "
+                      f"sensitivity >= 10 mm within 0.02 of its best ({_fmt(free.sensitivity(le.BAND_NAMES[1:]))}), "
+                      f"false findings >= 10 mm {free.fp_per_case(le.BAND_NAMES[1:]):.2f} per case")
+                entry["fp_bounded_threshold"] = chosen.threshold
+                entry["free_threshold"] = free.threshold
+                entry["chosen_threshold"] = threshold = free.threshold if a.rule == "free" else chosen.threshold
+            entry["phantoms"] = report_findings(name, phantom_cases[name], threshold, f"{a.split} phantoms")
+            curves[f"{name} phantoms"] = le.froc(phantom_cases[name])
+            marks[f"{name} phantoms"] = threshold
+        if real_cases.get(name):
+            entry["real_cases"] = [{"name": c.name, "findings": [
+                {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
+                 "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
+                 "surrounding_hu": f.lesion.surrounding_hu} for f in c.findings]} for c in real_cases[name]]
+            entry["real"] = {c.name: {"findings_at_threshold": le.tally([c], threshold).reported,
+                                      "ge10_at_threshold": sum(le.tally([c], threshold).false_positive[b]
+                                                               for b in le.BAND_NAMES[1:]),
+                                      "froc": [le.tally([c], t).to_dict()["fp_per_case"] for t in le.THRESHOLDS]}
+                             for c in real_cases[name]}
+        out["models"][name] = entry
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+        print(f"per-finding figures: {a.json}", file=sys.stderr)
+    if a.froc_png and curves:
+        le.froc_png(curves, a.froc_png, marks)
+        print(f"FROC curves: {a.froc_png}", file=sys.stderr)
     return 0
 
 

@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 24; 2 with --quick)")
     p.add_argument("--heldout-slices", type=int, default=None, help="slices per held-out phantom (default 32)")
+    p.add_argument("--variety", type=int, choices=[1, 2], default=1,
+                   help="phantom generator: 1 portal/arterial (default), 2 adds delayed and unenhanced phases, "
+                        "fatty livers and lesion-free patients (training and held-out phantoms alike)")
     # Defaults reproduce the shipped model. Without lesion-centred crops and the heavier lesion loss the
     # lesion class is starved (held-out lesion Dice 0.33 with 0 / 2 / 0.5): see the issue notes.
     p.add_argument("--lesion-crops", type=float, default=0.5,
@@ -88,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the lesion soft-Dice term in the loss (default 1)")
     p.add_argument("--shading", type=float, default=0.0,
                    help="peak HU of smooth shading added to half the crops (default 0: none)")
+    p.add_argument("--edge-shading", type=float, default=0.0,
+                   help="peak HU of a one-sided band along the liver edge on half the crops (default 0: none)")
+    p.add_argument("--clefts", type=float, default=0.0,
+                   help="fraction of crops with a fat/fluid cleft cut into the liver edge (default 0: none)")
     p.add_argument("--cache", type=Path, default=None,
                    help="pickle of the rendered phantoms: read if present, else written (re-runs skip rendering)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering phantoms (default 2)")
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 train_slices=args.train_slices, n_heldout=args.heldout_phantoms, heldout_slices=args.heldout_slices,
                 crop=args.crop, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 lesion_crops=args.lesion_crops, lesion_weight=args.lesion_weight, lesion_dice=args.lesion_dice,
-                shading=args.shading, init_sha=trained.init_sha,
+                shading=args.shading, edge_shading=args.edge_shading, clefts=args.clefts, variety=args.variety,
+                init_sha=trained.init_sha,
                 train_minutes=trained.minutes, command=cmd.strip().replace('"', "'"))
     write_card(out, info)
     write_manifest(out, info)

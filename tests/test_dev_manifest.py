@@ -134,6 +134,8 @@ def test_the_training_script_fields_reproduce_the_shipped_manifest() -> None:
         "train_seed0": t["train_seed_start"], "train_slices": t["slices_per_phantom"],
         "n_heldout": t["phantoms_heldout"], "steps": t["steps"], "batch": t["batch"], "crop": t["crop"],
         "train_minutes": t["minutes"], "init_sha": t["init_sha256"],
+        "variety": t.get("phantom_variety", 1), "shading": t.get("shading_hu", 0.0),
+        "edge_shading": t.get("edge_shading_hu", 0.0), "clefts": t.get("clefts", 0.0),
     }
     assert build_manifest(manifest_fields(shipped.path, info)) == shipped.manifest
 

@@ -118,7 +118,7 @@ def test_the_summary_keeps_its_shape_and_reads_older_ones() -> None:
     d = m.to_dict()
     assert d["lesions"]["count"] == 1 and d["lesions"]["unreported_count"] == 1
     assert {"volume_ml", "longest_axial_diameter_mm", "short_axis_mm"} <= set(d["lesions"]["items"][0])
-    assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0}
+    assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.0}
     assert Measurements.from_dict(d) == m
     old = dict(d, lesions={k: v for k, v in d["lesions"].items() if k not in ("unreported_count", "reporting")})
     old["lesions"]["items"] = [{k: v for k, v in it.items() if k != "short_axis_mm"} for it in d["lesions"]["items"]]
@@ -132,3 +132,95 @@ def test_the_manifest_bounds_the_threshold() -> None:
         Reporting(min_lesion_diameter_mm=-1)
     with pytest.raises(ValueError):
         Reporting.model_validate({"min_lesion_diameter_mm": 5, "typo": 1})
+
+
+# ------------------------------------------------------------------ confidence, attenuation, location
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # head-first supine: columns to the patient's left, rows posterior
+
+
+def _two_lesions() -> np.ndarray:
+    labels = _liver()
+    _disc(labels, slice(4, 8), 30, 30, 7.0)  # inferior (low slice index), anterior (low row), right (low column)
+    _disc(labels, slice(16, 20), 66, 66, 7.0)  # superior posterior left
+    return labels
+
+
+def _hu(labels: np.ndarray) -> np.ndarray:
+    hu = np.where(labels > 0, 60.0, -100.0).astype(np.float32)
+    hu[:12][labels[:12] == 2] = 20.0  # the inferior lesion is darker than the liver: hypo-attenuating
+    hu[12:][labels[12:] == 2] = 130.0  # the superior one brighter: hyper-attenuating (arterial HCC)
+    return hu
+
+
+def _confidence(labels: np.ndarray, low: int, high: int) -> LabelMap:
+    conf = np.zeros(labels.shape, np.uint8)
+    conf[:12][labels[:12] == 2] = low
+    conf[12:][labels[12:] == 2] = high
+    return LabelMap.from_array(conf)
+
+
+def test_each_finding_has_its_confidence_attenuation_and_octant() -> None:
+    labels = _two_lesions()
+    hu = _hu(labels)
+    m = measure(
+        LabelMap.from_array(labels), LABELS, SPACING, SLICE_MM, UIDS, slab_slices=5,
+        confidence=_confidence(labels, 128, 242), read_hu=lambda a, b: hu[a:b], orientation=AXIAL,
+    )
+    assert m.lesion_count == 2
+    by_slice = sorted(m.lesions, key=lambda les: les.slice_index)
+    low, high = by_slice
+    assert low.confidence == pytest.approx(128 / 255, abs=1e-3) and high.confidence == pytest.approx(242 / 255, abs=1e-3)
+    assert low.mean_hu == 20.0 and low.surrounding_hu == 60.0 and low.attenuation == "hypo"
+    assert high.mean_hu == 130.0 and high.surrounding_hu == 60.0 and high.attenuation == "hyper"
+    assert low.octant == "inferior anterior right" and high.octant == "superior posterior left"
+    d = m.to_dict()["lesions"]["items"]
+    assert {i["attenuation"] for i in d} == {"hypo", "hyper"}
+    assert Measurements.from_dict(m.to_dict()) == m  # the new fields survive summary.json
+
+
+def test_the_shell_is_the_liver_around_the_lesion_not_the_background_outside_it() -> None:
+    labels = _liver()
+    _disc(labels, slice(10, 14), 48, 12, 6.0)  # at the liver's edge: half its neighbourhood is outside
+    hu = np.where(labels > 0, 60.0, -900.0).astype(np.float32)
+    hu[labels == 2] = 30.0
+    m = measure(labels, LABELS, SPACING, SLICE_MM, UIDS, read_hu=lambda a, b: hu[a:b])
+    (finding,) = m.lesions
+    assert finding.surrounding_hu == 60.0 and finding.attenuation == "hypo"
+    assert finding.octant is None and finding.confidence is None  # no orientation, no confidence given
+
+
+def test_a_finding_below_the_confidence_threshold_is_not_reported_and_goes_back_to_the_liver() -> None:
+    labels = _two_lesions()
+    lm = LabelMap.from_array(labels)
+    reporting = Reporting(min_lesion_diameter_mm=5, min_confidence=0.6)
+    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=7, confidence=_confidence(labels, 120, 230),
+                reporting=reporting)
+    assert m.lesion_count == 1 and m.unreported_lesions == 1 and m.min_confidence == 0.6
+    assert m.lesions[0].slice_index >= 16  # the confident one stays
+    out = lm.to_array()
+    assert not (out[:12] == 2).any() and (out[12:] == 2).any()
+    assert m.to_dict()["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.6}
+
+
+def test_confidence_is_the_models_probability_of_the_label_each_pixel_got() -> None:
+    from appliance.infer.preprocess import class_confidence, model_grid, scores_to_labels
+    from appliance.models.manifest import InputSpec
+
+    spec = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64), max_size=(256, 256),
+                     window=(-250.0, 350.0))
+    grid = model_grid(128, 128, (1.0, 1.0), spec)  # the model grid is half the source in each axis
+    h, w = grid.shape
+    scores = np.zeros((2, 3, *grid.padded), np.float32)
+    scores[:, 1] = 2.0  # liver everywhere ...
+    scores[:, 2, 20:40, 20:40] = 2.0 + np.log(3.0)  # ... but a lesion block: p(lesion) = 3 / (e^-(2 + ln 3) + 1/3... ) there
+    labels = scores_to_labels(scores, grid)
+    conf = class_confidence(scores, grid, labels, [2])
+    assert conf.shape == labels.shape and conf.dtype == np.uint8
+    assert not conf[labels != 2].any()
+    inside = labels == 2
+    assert inside.any()
+    e = np.exp([0.0 - (2.0 + np.log(3.0)), 2.0 - (2.0 + np.log(3.0)), 0.0])
+    want = round(255 * e[2] / e.sum())
+    assert abs(int(np.median(conf[inside])) - want) <= 1
+    assert h == w == 64

@@ -109,7 +109,8 @@ def _summary(uid: str) -> Summary:
             voxel_volume_ml=0.0016,
             labels=(LabelVolume(1, "Liver", 327_125, 523.4), LabelVolume(2, "Liver lesion", 2625, 4.2)),
             organs=(OrganVolume("Liver", (1, 2), 329_750, 527.6),),
-            lesions=(Lesion(1, 2, 4.2, 21.5, 1, f"{uid}.1", (1.0, 30.0, 30.0)),),
+            lesions=(Lesion(1, 2, 4.2, 21.5, 1, f"{uid}.1", (1.0, 30.0, 30.0), 14.0, 0.87, 41.0, 96.0,
+                            "superior anterior right"),),
         ),
         timings_s={"infer": 1.5},
     )
@@ -315,7 +316,7 @@ def test_every_page_renders_for_an_admin_with_its_data(panel: Panel) -> None:
                                    f"/series/{UID['done']}/key/", UID["done"]],
         "/queue": ["PACS_AE @ 10.0.0.5:104", "VIEWER @ 10.0.0.6:11112", "SMITH, JOHN", "PARK, MIN", "LE, THI",
                    "Called AE title not recognised", 'data-action="retry-all"', 'data-action="suspend-pacs"'],
-        "/models": [MODEL, "1.4.0"],
+        "/models": [MODEL, "1.5.0"],
         "/audit": [ADMIN, "127.0.0.1"],
         "/users": [ADMIN, TECH, VIEWER],
         "/settings": ["[panel]", "lockout_account_failures", "PACS_AE"],
@@ -331,6 +332,9 @@ def test_every_page_renders_for_an_admin_with_its_data(panel: Panel) -> None:
     assert c.get("/audit.csv").text.splitlines()[0] == "time_utc,user,address,action,target,detail"
     # the key image the results stage wrote is served
     detail = c.get(f"/series/{UID['done']}").text
+    # each finding with its confidence, attenuation against the liver around it, and where it lies
+    assert "87 %" in detail and "hypo-attenuating" in detail and "(41 / 96 HU)" in detail
+    assert "superior, anterior, right" in detail
     job_id = int(re.search(rf"/series/{re.escape(UID['done'])}/key/(\d+)\.png", detail)[1])
     r = c.get(f"/series/{UID['done']}/key/{job_id}.png")
     assert r.status_code == 200 and r.mimetype == "image/png" and r.data.startswith(b"\x89PNG")
@@ -400,7 +404,7 @@ def test_every_api_route_answers_json_for_an_admin(panel: Panel) -> None:
                                                                        (UID["queued"], "queued")}
     assert [(j["series_uid"], j["reason"]) for j in jobs["failed"]] == [(UID["failed"], XSS_REASON)]
     models = c.get("/api/v1/models").get_json()
-    assert [(p["name"], p["version"]) for p in models["packages"]] == [(MODEL, "1.4.0")]
+    assert [(p["name"], p["version"]) for p in models["packages"]] == [(MODEL, "1.5.0")]
     out = c.get("/api/v1/outbox").get_json()
     assert [(d["name"], d["pending"], d["dead"], d["suspended"]) for d in out["destinations"]] == [
         ("pacs", 3, 6, False), ("viewer", 3, 0, False)]

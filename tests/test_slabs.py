@@ -26,7 +26,7 @@ from appliance.infer.measure import Measurements, measure, measure_dense
 from appliance.infer.summary import BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.pipeline import SeriesResult, SlabPlan, labelmap_npz, plan_slabs, run_series, write_outputs
 from appliance.infer.postprocess import keep_largest_component, keep_largest_component_map
-from appliance.infer.preprocess import batch_input, model_grid, scores_to_labels, to_model_grid
+from appliance.infer.preprocess import batch_input, class_confidence, model_grid, scores_to_labels, to_model_grid
 from appliance.infer.volume import load_volume, scan_series
 from appliance.models.package import bundled_models_dir, load_package
 from appliance.results import identity
@@ -60,14 +60,25 @@ def whole_volume_reference(paths: list[Path], package, backend) -> tuple[np.ndar
     grid = model_grid(rows, cols, vol.pixel_spacing, spec)
     prepared = to_model_grid(vol.hu, grid, spec)
     labels = np.empty((n, rows, cols), np.uint8)
+    conf = np.empty((n, rows, cols), np.uint8)
     batch = package.manifest.input.opt_batch
     for s in range(0, n, batch):
         e = min(n, s + batch)
-        labels[s:e] = scores_to_labels(backend.run(batch_input(prepared, s, e, spec.channels)), grid)
+        scores = backend.run(batch_input(prepared, s, e, spec.channels))
+        labels[s:e] = scores_to_labels(scores, grid)
+        class_confidence(scores, grid, labels[s:e], [2], out=conf[s:e])
     labels = keep_largest_component(labels, package.manifest.postprocess.largest_component)
+    # The findings' confidence, HU and octant: measured on the whole volume as one slab.
+    features = measure(labels.copy(), package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
+                       slab_slices=n, reporting=package.manifest.reporting, confidence=LabelMap.from_array(conf),
+                       read_hu=lambda a, b: vol.hu[a:b], orientation=vol.orientation)
     # the package's reporting threshold, as serving applies it (unreported lesions go back to the liver)
-    return labels, measure_dense(labels, package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
-                                 reporting=package.manifest.reporting)
+    dense = measure_dense(labels, package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
+                          reporting=package.manifest.reporting)
+    plain = tuple(dataclasses.replace(les, confidence=None, mean_hu=None, surrounding_hu=None, octant=None)
+                  for les in features.lesions)
+    assert dataclasses.replace(features, lesions=plain) == dense  # same findings, same numbers
+    return labels, features
 
 
 @pytest.mark.parametrize("plan", [SlabPlan(infer=8, post=1), SlabPlan(infer=16, post=3), SlabPlan(infer=256, post=64)])

@@ -147,6 +147,20 @@ class LabelMap:
                 area[i] = int(np.count_nonzero(lut[crop[2]]))
         return area
 
+    def centroid(self, values: Sequence[int]) -> tuple[float, float, float] | None:
+        """Mean (slice, row, column) of the voxels whose label is one of ``values``; None when there are none."""
+        lut = np.zeros(256, dtype=bool)
+        lut[[v for v in values if 0 < v < 256]] = True
+        n, sums = 0, np.zeros(3, dtype=np.float64)
+        for i, crop in enumerate(self._crops):
+            if crop is None:
+                continue
+            r, c = np.nonzero(lut[crop[2]])
+            if r.size:
+                n += r.size
+                sums += (i * r.size, float(r.sum()) + crop[0] * r.size, float(c.sum()) + crop[1] * r.size)
+        return None if n == 0 else (sums[0] / n, sums[1] / n, sums[2] / n)
+
     def max(self) -> int:
         return max((int(c[2].max()) for c in self._crops if c is not None), default=0)
 

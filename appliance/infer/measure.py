@@ -8,6 +8,8 @@ diameter, measured edge to edge on the slice where it is longest (as RECIST meas
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,10 @@ from appliance.models.manifest import Label, Reporting
 
 #: SNOMED CT "Morphologically Altered Structure": labels of this category are counted as lesions.
 LESION_CATEGORY = "49755003"
+#: A lesion within this many HU of the organ around it is called iso-attenuating.
+ISO_HU = 10.0
+#: Thickness of the organ shell around a lesion whose mean HU the lesion is compared with.
+SHELL_MM = 5.0
 
 
 class SummaryFormatError(ValueError):
@@ -59,6 +65,21 @@ class Lesion:
     centroid_voxel: tuple[float, float, float]  # (slice, row, column)
     #: The widest extent perpendicular to the longest diameter, on the same slice (RECIST's short axis).
     short_axis_mm: float = 0.0
+    #: Mean model probability of the lesion class over the lesion's voxels (0..1); None when not known.
+    confidence: float | None = None
+    #: Mean HU of the lesion, and of the organ in a ~5 mm shell around it (same slices).
+    mean_hu: float | None = None
+    surrounding_hu: float | None = None
+    #: Where it lies in the organ: its centroid against the organ's, e.g. "superior anterior right".
+    octant: str | None = None
+
+    @property
+    def attenuation(self) -> str | None:
+        """``hypo``, ``iso`` or ``hyper``-attenuating against the surrounding organ (within 10 HU: iso)."""
+        if self.mean_hu is None or self.surrounding_hu is None:
+            return None
+        d = self.mean_hu - self.surrounding_hu
+        return "hypo" if d < -ISO_HU else "hyper" if d > ISO_HU else "iso"
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,8 @@ class Measurements:
     unreported_lesions: int = 0
     #: The package's reporting threshold (``[reporting] min_lesion_diameter_mm``) these were measured with.
     min_lesion_diameter_mm: float = 0.0
+    #: The package's confidence threshold (``[reporting] min_confidence``) these were measured with.
+    min_confidence: float = 0.0
 
     @property
     def lesion_count(self) -> int:
@@ -116,11 +139,19 @@ class Measurements:
                         "centroid_voxel": list(les.centroid_voxel),
                         "index": les.index,
                         "short_axis_mm": les.short_axis_mm,
+                        "confidence": les.confidence,
+                        "mean_hu": les.mean_hu,
+                        "surrounding_hu": les.surrounding_hu,
+                        "attenuation": les.attenuation,
+                        "octant": les.octant,
                     }
                     for les in self.lesions
                 ],
                 "unreported_count": self.unreported_lesions,
-                "reporting": {"min_lesion_diameter_mm": self.min_lesion_diameter_mm},
+                "reporting": {
+                    "min_lesion_diameter_mm": self.min_lesion_diameter_mm,
+                    "min_confidence": self.min_confidence,
+                },
             },
         }
 
@@ -150,16 +181,25 @@ class Measurements:
                         slice_sop_instance_uid=str(x["slice_sop_instance_uid"]),
                         centroid_voxel=_triple(x["centroid_voxel"]),
                         short_axis_mm=float(x.get("short_axis_mm", 0.0)),
+                        confidence=_opt_float(x.get("confidence")),
+                        mean_hu=_opt_float(x.get("mean_hu")),
+                        surrounding_hu=_opt_float(x.get("surrounding_hu")),
+                        octant=None if x.get("octant") is None else str(x["octant"]),
                     )
                     for x in d["lesions"]["items"]
                 ),
                 unreported_lesions=int(d["lesions"].get("unreported_count", 0)),
                 min_lesion_diameter_mm=float(d["lesions"].get("reporting", {}).get("min_lesion_diameter_mm", 0.0)),
+                min_confidence=float(d["lesions"].get("reporting", {}).get("min_confidence", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SummaryFormatError(
                 f"the measurement summary is incomplete or malformed ({type(exc).__name__}: {exc})"
             ) from None
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def _triple(v: Any) -> tuple[float, float, float]:
@@ -289,8 +329,17 @@ def measure(
     sop_instance_uids: list[str],
     slab_slices: int = 64,
     reporting: Reporting | None = None,
+    confidence: LabelMap | None = None,
+    read_hu: Callable[[int, int], np.ndarray] | None = None,
+    orientation: Sequence[float] | None = None,
 ) -> Measurements:
     """Label volumes, organ volumes and the reported lesions of a label map, ``slab_slices`` slices at a time.
+
+    With ``confidence`` (the model's probability of each lesion voxel's label, 0..255, as
+    :func:`appliance.infer.preprocess.class_confidence` gives it) each lesion gets its mean as ``confidence``
+    and the package's ``min_confidence`` applies; with ``read_hu`` (HU of slices ``start:stop``) its mean HU
+    against a ~5 mm shell of the organ around it; with ``orientation`` (ImageOrientationPatient) the octant
+    of the organ it lies in, named in patient terms.
 
     The same numbers as :func:`measure_dense` (lesions numbered, ordered and measured identically), with
     memory bounded by a slab's window of the lesion labels instead of the whole volume. Lesions below the
@@ -302,6 +351,7 @@ def measure(
     lm = as_labelmap(labels)
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
     counts = lm.counts(256)
+    lesion_values = [d.value for d in label_defs if d.category.code == LESION_CATEGORY]
     lesions: list[Lesion] = []
     unreported = 0
     for lab in label_defs:
@@ -309,6 +359,8 @@ def measure(
             continue
         comps = find_components(lm, [lab.value], slab_slices, full=True)
         m = comps.count
+        organ = _organ_of(lab, label_defs)
+        feats = _Features(m, lm, organ, pixel_spacing, confidence, read_hu)
         best = np.zeros(m, dtype=np.float64)
         best_short = np.zeros(m, dtype=np.float64)
         best_z = comps.lo[:, 0].copy()
@@ -321,6 +373,7 @@ def measure(
             gz, gr, gc = z + slab.start, r + slab.box[0], c + slab.box[2]
             rel_r, rel_c = gr - comps.lo[ids, 1], gc - comps.lo[ids, 2]
             np.add.at(sums, ids, np.stack([gz - comps.lo[ids, 0], rel_r, rel_c], axis=1))
+            feats.add(slab, comp, z, r, c, ids)
             # Per slice and component: its longest in-plane diameter; the first slice of the longest wins.
             order = np.lexsort((ids, gz))
             key = gz[order] * m + ids[order]
@@ -330,6 +383,8 @@ def measure(
                 d, short = _axes_of_pixels(rel_r[part], rel_c[part], pixel_spacing)
                 if d > best[i]:
                     best[i], best_short[i], best_z[i] = d, short, zz
+        organ_centre = lm.centroid([organ, *lesion_values]) if organ and orientation is not None else None
+        conf = feats.confidence(comps.sizes)
         for i in range(m):
             n = int(comps.sizes[i])
             # np.float64 as ndimage.center_of_mass returns, so round() rounds as the whole-volume code did
@@ -346,9 +401,24 @@ def measure(
                     slice_sop_instance_uid=sop_instance_uids[int(best_z[i])],
                     centroid_voxel=(float(round(zc + z0, 1)), float(round(rc + r0, 1)), float(round(cc + c0, 1))),
                     short_axis_mm=round(float(best_short[i]), 1),
+                    confidence=None if conf is None else round(float(conf[i]), 3),
+                    mean_hu=feats.mean_hu(i, n),
+                    surrounding_hu=feats.shell_hu(i),
+                    octant=_octant(
+                        (float(zc + z0), float(rc + r0), float(cc + c0)),
+                        organ_centre,
+                        orientation,
+                        pixel_spacing,
+                        slice_spacing,
+                    ),
                 )
             )
-        dropped = [i for i in range(m) if not _reported(float(best[i]), reporting)]
+        dropped = [
+            i
+            for i in range(m)
+            if not _reported(float(best[i]), reporting)
+            or (conf is not None and round(float(conf[i]), 3) < reporting.min_confidence)
+        ]
         if dropped:
             keep = np.ones(m + 1, dtype=bool)
             keep[np.asarray(dropped) + 1] = False
@@ -356,12 +426,97 @@ def measure(
             lesions = lesions[:first] + [les for j, les in enumerate(lesions[first:]) if keep[j + 1]]
             unreported += len(dropped)
             if not reporting.keep_unreported_in_labelmap:
-                organ = _organ_of(lab, label_defs)
                 _relabel(lm, comps, ~keep, organ)
                 n = int(comps.sizes[np.asarray(dropped)].sum())
                 counts[lab.value] -= n
                 counts[organ] += n
     return _report(counts, lesions, label_defs, voxel_ml, unreported, reporting)
+
+
+class _Features:
+    """Per-lesion sums gathered while the components are walked slab by slab: confidence, the lesion's HU
+    and the HU of the organ shell around it. Each slab's HU is read once, for its lesion window and a
+    margin of ``SHELL_MM``; the shell is the organ within that distance of a lesion (a square in-plane
+    neighbourhood: where two lesions' shells meet, the voxel counts for the higher-numbered one)."""
+
+    def __init__(
+        self,
+        m: int,
+        lm: LabelMap,
+        organ: int,
+        spacing: tuple[float, float],
+        confidence: LabelMap | None,
+        read_hu: Callable[[int, int], np.ndarray] | None,
+    ) -> None:
+        self.lm, self.organ, self.conf_map, self.read_hu = lm, organ, confidence, read_hu
+        self.margin = (max(1, math.ceil(SHELL_MM / spacing[0])), max(1, math.ceil(SHELL_MM / spacing[1])))
+        self.conf = np.zeros(m, dtype=np.float64)
+        self.hu = np.zeros(m, dtype=np.float64)
+        self.shell = np.zeros(m, dtype=np.float64)
+        self.shell_n = np.zeros(m, dtype=np.int64)
+
+    def add(self, slab: Any, comp: np.ndarray, z: np.ndarray, r: np.ndarray, c: np.ndarray, ids: np.ndarray) -> None:
+        m = self.conf.size
+        r0, r1, c0, c1 = slab.box
+        if self.conf_map is not None:
+            window = self.conf_map.slab(slab.start, slab.stop, slab.box)
+            self.conf += np.bincount(ids, weights=window[z, r, c].astype(np.float64), minlength=m)
+        if self.read_hu is None:
+            return
+        rows, cols = self.lm.shape[1:]
+        mr, mc = self.margin
+        e = (max(0, r0 - mr), min(rows, r1 + mr), max(0, c0 - mc), min(cols, c1 + mc))
+        hu = np.asarray(self.read_hu(slab.start, slab.stop))[:, e[0] : e[1], e[2] : e[3]].astype(np.float64)
+        self.hu += np.bincount(ids, weights=hu[z, r + r0 - e[0], c + c0 - e[2]], minlength=m)
+        if not self.organ:
+            return
+        around = np.zeros(hu.shape, dtype=np.int32)
+        around[:, r0 - e[0] : r1 - e[0], c0 - e[2] : c1 - e[2]] = comp
+        grown = ndimage.maximum_filter(around, size=(1, 2 * mr + 1, 2 * mc + 1))
+        labels = self.lm.slab(slab.start, slab.stop, e)
+        shell = (grown > 0) & (around == 0) & (labels == self.organ)
+        owner = grown[shell].astype(np.int64) - 1
+        self.shell += np.bincount(owner, weights=hu[shell], minlength=m)
+        self.shell_n += np.bincount(owner, minlength=m)
+
+    def confidence(self, sizes: np.ndarray) -> np.ndarray | None:
+        if self.conf_map is None:
+            return None
+        return self.conf / np.maximum(sizes, 1) / 255.0
+
+    def mean_hu(self, i: int, n: int) -> float | None:
+        return None if self.read_hu is None else round(float(self.hu[i]) / max(n, 1), 1)
+
+    def shell_hu(self, i: int) -> float | None:
+        if self.read_hu is None or self.shell_n[i] == 0:
+            return None
+        return round(float(self.shell[i]) / int(self.shell_n[i]), 1)
+
+
+def _octant(
+    centre: tuple[float, float, float],
+    organ_centre: tuple[float, float, float] | None,
+    orientation: Sequence[float] | None,
+    spacing: tuple[float, float],
+    slice_spacing: float,
+) -> str | None:
+    """ "superior|inferior anterior|posterior right|left": a lesion's centroid against its organ's, in the
+    patient's axes (DICOM LPS: +x left, +y posterior, +z superior), from the image orientation. Slices are
+    in ascending order along the normal (row direction x column direction), as the volume is sorted."""
+    if organ_centre is None or orientation is None or len(orientation) != 6:
+        return None
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)  # along a row: columns increase
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)  # down a column: rows increase
+    normal = np.cross(row_dir, col_dir)
+    dz, dr, dc = (a - b for a, b in zip(centre, organ_centre, strict=True))
+    v = dc * spacing[1] * row_dir + dr * spacing[0] * col_dir + dz * slice_spacing * normal
+    return " ".join(
+        (
+            "superior" if v[2] >= 0 else "inferior",
+            "posterior" if v[1] >= 0 else "anterior",
+            "left" if v[0] >= 0 else "right",
+        )
+    )
 
 
 def _relabel(lm: LabelMap, comps: Components, drop: np.ndarray, value: int) -> None:
@@ -412,4 +567,5 @@ def _report(
         lesions=numbered,
         unreported_lesions=unreported,
         min_lesion_diameter_mm=(reporting or Reporting()).min_lesion_diameter_mm,
+        min_confidence=(reporting or Reporting()).min_confidence,
     )

@@ -28,9 +28,15 @@ from appliance.errors import InferenceError
 from appliance.fsio import write_atomic
 from appliance.infer.backends import Backend
 from appliance.infer.labelmap import LabelMap
-from appliance.infer.measure import measure
+from appliance.infer.measure import LESION_CATEGORY, measure
 from appliance.infer.postprocess import keep_largest_component_map
-from appliance.infer.preprocess import context_indices, model_grid, prepare_slices, scores_to_labels
+from appliance.infer.preprocess import (
+    class_confidence,
+    context_indices,
+    model_grid,
+    prepare_slices,
+    scores_to_labels,
+)
 from appliance.infer.summary import SUMMARY_FILE, BackendInfo, ModelInfo, SeriesInfo, Summary
 from appliance.infer.volume import Volume, scan_series
 from appliance.models.package import ModelPackage
@@ -167,8 +173,10 @@ def segment_volume(
     progress: Progress | None = None,
     memory_budget_mb: int = 1024,
     plan: SlabPlan | None = None,
+    confidence: LabelMap | None = None,
 ) -> tuple[LabelMap, dict[str, float]]:
-    """Label map on the source grid, a slab of slices at a time.
+    """Label map on the source grid, a slab of slices at a time; with ``confidence`` (a LabelMap of the
+    volume's shape) also the model's probability of each lesion voxel's label, for the findings' confidence.
 
     Each slab's slices and their context neighbours (the manifest's channels) are decoded and resampled a
     few at a time (``prepare_slices``), predicted in the same batches as on the whole series, and kept as
@@ -193,6 +201,7 @@ def segment_volume(
     half = spec.channels // 2
     context = context_indices(n, spec.channels)
     labels = LabelMap((n, rows, cols))
+    lesion_values = [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY]
     # The first slabs are short (two batches, then doubling): the first is prepared while nothing else
     # runs, each later one while the one before is predicted.
     bounds: list[tuple[int, int]] = []
@@ -221,13 +230,19 @@ def segment_volume(
         )
         return out, read_s, resample_s
 
-    def to_labels(scores: np.ndarray, start: int, stop: int, slab: np.ndarray, z0: int) -> None:
+    def to_labels(
+        scores: np.ndarray, start: int, stop: int, slab: np.ndarray, z0: int, conf_slab: np.ndarray | None
+    ) -> None:
         if scores.ndim != 4 or scores.shape[0] != stop - start or scores.shape[2:] != grid.padded:
             raise InferenceError(
                 f"model {package.name} returned scores of shape {scores.shape} for input "
                 f"{(stop - start, spec.channels, *grid.padded)}"
             )
         scores_to_labels(scores, grid, out=slab[start - z0 : stop - z0])
+        if conf_slab is not None:
+            class_confidence(
+                scores, grid, slab[start - z0 : stop - z0], lesion_values, out=conf_slab[start - z0 : stop - z0]
+            )
 
     t_read = t_prep = t_infer = t_post = 0.0
     # Scores become labels on a thread of their own while the next batch is predicted (one batch in flight:
@@ -251,6 +266,7 @@ def segment_volume(
             if progress:
                 progress("decode", z1, n)
             slab = np.empty((z1 - z0, rows, cols), dtype=np.uint8)
+            conf_slab = np.empty((z1 - z0, rows, cols), dtype=np.uint8) if confidence is not None else None
             converting: Future | None = None
             for start in range(z0, z1, batch):
                 stop = min(z1, start + batch)
@@ -260,7 +276,7 @@ def segment_volume(
                 t = time.perf_counter()
                 if converting is not None:
                     converting.result()
-                converting = behind.submit(to_labels, scores, start, stop, slab, z0)
+                converting = behind.submit(to_labels, scores, start, stop, slab, z0, conf_slab)
                 del scores
                 t_post += time.perf_counter() - t
                 if progress:
@@ -269,8 +285,10 @@ def segment_volume(
             if converting is not None:
                 converting.result()
             labels.set_slab(z0, slab)
+            if confidence is not None and conf_slab is not None:
+                confidence.set_slab(z0, conf_slab)
             t_post += time.perf_counter() - t
-            del prepared, slab
+            del prepared, slab, conf_slab
     t = time.perf_counter()
     keep = package.manifest.postprocess.largest_component
     if keep:
@@ -322,7 +340,8 @@ def _run_series(
     if plan is None:
         grid = model_grid(volume.shape[1], volume.shape[2], volume.pixel_spacing, package.input_spec)
         plan = plan_slabs(volume.shape, grid.padded, package.manifest.input.opt_batch, memory_budget_mb)
-    labels, timings = segment_volume(volume, package, backend, progress, memory_budget_mb, plan)
+    confidence = LabelMap(volume.shape)
+    labels, timings = segment_volume(volume, package, backend, progress, memory_budget_mb, plan, confidence)
     timings["decode"] += t_scan  # the header scan is part of reading the series
     trim_heap()  # the slabs' buffers are gone; what results build next then starts from a trimmed heap
     t = time.perf_counter()
@@ -334,7 +353,11 @@ def _run_series(
         volume.sop_instance_uids,
         slab_slices=plan.post,
         reporting=package.manifest.reporting,
+        confidence=confidence,
+        read_hu=volume.read_hu,
+        orientation=volume.orientation,
     )
+    del confidence
     timings["measure"] = time.perf_counter() - t
     summary = Summary(
         model=ModelInfo(package.name, package.version, package.onnx_sha256),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -253,4 +253,39 @@ def scores_to_labels(scores: np.ndarray, grid: ModelGrid, out: np.ndarray | None
         top = s00 + (s01 - s00) * fc
         bottom = s10 + (s11 - s10) * fc
         out[zs, rs, cs] = (top + (bottom - top) * fr).argmax(axis=1)
+    return out
+
+
+def class_confidence(
+    scores: np.ndarray, grid: ModelGrid, labels: np.ndarray, values: Sequence[int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """The model's probability (softmax of its scores, 0..255 for 0..1) of the label each source pixel got,
+    where that label is one of ``values``; 0 elsewhere. (n, rows, cols) uint8, into ``out`` when given.
+
+    Why: a finding's confidence is the mean of this over its voxels. Taken on the model grid (where the
+    network predicted) and carried to the source grid pixel by pixel like the labels' unmixed blocks, which
+    is what a mean over a region needs; only batches with such labels pay for the softmax.
+    """
+    if out is None:
+        out = np.zeros(labels.shape, dtype=np.uint8)
+    wanted = np.zeros(256, dtype=bool)
+    wanted[[int(v) for v in values if 0 < int(v) < 256]] = True
+    hit = wanted[labels]
+    if not hit.any():
+        out[...] = 0
+        return out
+    h, w = grid.shape
+    rows, cols = grid.source_shape
+    crop = scores[:, :, :h, :w].astype(np.float32, copy=False)
+    top = crop.max(axis=1, keepdims=True)
+    e = np.exp(crop - top)
+    total = e.sum(axis=1)
+    i0, _, _ = _axis_weights(h, rows)
+    j0, _, _ = _axis_weights(w, cols)
+    out[...] = 0
+    for v in sorted({int(v) for v in values if 0 < int(v) < min(256, crop.shape[1])}):
+        prob = np.rint(e[:, v] / total * 255.0).astype(np.uint8)  # (n, h, w)
+        up = np.take(np.take(prob, j0, axis=2), i0, axis=1)
+        mask = labels == v
+        out[mask] = up[mask]
     return out

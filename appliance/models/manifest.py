@@ -86,9 +86,11 @@ class Reporting(_Strict):
     """What of the model's lesion output becomes a reported finding (counted in the SR, drawn in the SEG and
     the key image): a lesion whose longest axial diameter is below ``min_lesion_diameter_mm`` is not
     reported, counted or measured. Its voxels go back to the organ it lies in, unless
-    ``keep_unreported_in_labelmap`` (then they stay lesion-labelled in ``labelmap.npz`` and the SEG)."""
+    ``keep_unreported_in_labelmap`` (then they stay lesion-labelled in ``labelmap.npz`` and the SEG).
+    Likewise a lesion whose mean lesion probability (its confidence, 0..1) is below ``min_confidence``."""
 
     min_lesion_diameter_mm: Annotated[float, Field(ge=0, le=200)] = 0.0
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     keep_unreported_in_labelmap: bool = False
 
 

@@ -131,6 +131,8 @@ def init_app(app: Flask, default_language: str, data_dir: Path) -> None:
         step_label=lambda v: _label(STEP_LABELS, v),
         window_label=lambda v: _label(WINDOW_LABELS, v),
         structure_label=lambda v: _label(STRUCTURE_LABELS, v),
+        attenuation_label=lambda v: _label(ATTENUATION_LABELS, v),
+        octant_label=octant_label,
         action_label=lambda v: _label(ACTION_LABELS, v),
         detail_label=lambda v: _label(DETAIL_LABELS, v),
         detail_codes=DETAIL_LABELS,
@@ -266,6 +268,30 @@ STRUCTURE_LABELS: dict[str, Any] = {
     "lesion": lazy_gettext("Lesion"),
     "liver lesion": lazy_gettext("Lesion"),
 }
+#: A finding's attenuation against the liver around it, as CT reports say it.
+ATTENUATION_LABELS: dict[str, Any] = {
+    "hypo": lazy_gettext("hypo-attenuating"),
+    "iso": lazy_gettext("iso-attenuating"),
+    "hyper": lazy_gettext("hyper-attenuating"),
+}
+#: The words of a finding's octant ("superior anterior right"), each translated on its own.
+POSITION_LABELS: dict[str, Any] = {
+    "superior": lazy_gettext("superior"),
+    "inferior": lazy_gettext("inferior"),
+    "anterior": lazy_gettext("anterior"),
+    "posterior": lazy_gettext("posterior"),
+    "right": lazy_gettext("right"),
+    "left": lazy_gettext("left"),
+}
+
+
+def octant_label(value: str | None) -> str:
+    """ "superior anterior right" as the reader's language writes it, word by word ("–" when unknown)."""
+    if not value:
+        return "–"
+    return ", ".join(_label(POSITION_LABELS, w) for w in str(value).split())
+
+
 ACTION_LABELS: dict[str, Any] = {
     "login": lazy_gettext("Logged in"),
     "login_failed": lazy_gettext("Failed login"),

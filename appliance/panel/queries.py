@@ -150,7 +150,7 @@ def _summary(store: Store, result_dir: str | None) -> dict[str, Any] | None:
         "lesions": {
             "count": len(m.lesions),
             "total_ml": sum(x.volume_ml for x in m.lesions),
-            "largest": [asdict(x) for x in lesions[:5]],
+            "largest": [asdict(x) | {"attenuation": x.attenuation} for x in lesions[:5]],
             "unreported": m.unreported_lesions,
             "threshold_mm": m.min_lesion_diameter_mm,
         },

@@ -32,7 +32,10 @@ from scipy.ndimage import gaussian_filter
 
 #: Contrast phases the generator knows. Portal venous: liver 90-140 HU, bright portal/hepatic veins.
 #: Arterial: liver 60-85 HU, very bright aorta, hypodense hepatic veins, corticomedullary kidneys.
-PHASES = ("portal", "arterial")
+#: Delayed (3-5 min): liver 80-110 HU, vessels only a little brighter, arterially enhancing tumours washed
+#: out (darker than the liver, with a brighter capsule). Unenhanced: liver 50-70 HU, vessels and blood
+#: *darker* than the liver, lesions of low contrast. The last two come with ``variety = 2`` only.
+PHASES = ("portal", "arterial", "delayed", "unenhanced")
 
 Array = np.ndarray
 Sdf = Callable[[Array, Array, Array], Array]
@@ -124,6 +127,13 @@ class CaseSpec:
     noise_corr_mm: float = 0.7
     #: Pixels outside the reconstruction circle set to -1024 (common on full field of view scanners).
     circle_mask: bool = False
+    #: Steatosis: HU taken off the liver parenchyma (vessels and lesions keep theirs against it).
+    fatty_hu: float = 0.0
+    #: A patient drawn with no liver lesion at all.
+    lesion_free: bool = False
+    #: Which generator drew the spec: 1 (portal/arterial, the original sets, unchanged) or 2 (adds delayed
+    #: and unenhanced phases, fatty livers and more lesion-free patients; issue 21).
+    variety: int = 1
 
     @property
     def pixel_spacing(self) -> tuple[float, float]:
@@ -132,12 +142,14 @@ class CaseSpec:
 
 
 def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None = None,
-                phase: str | None = None) -> CaseSpec:
+                phase: str | None = None, variety: int = 1) -> CaseSpec:
     """A random acquisition covering the variety the model meets in clinics.
 
     Full fields of view (350-500 mm) and targeted liver reconstructions (180-260 mm), 512 matrix
     (0.35-1.0 mm pixels), thin to thick slices (0.625-5 mm), portal or arterial phase, normal and
     low-dose noise, different kernels; the slab lies anywhere from the lung bases to below the liver.
+    ``variety = 2`` also draws delayed and unenhanced phases, fatty livers and lesion-free patients, from a
+    random stream of their own: everything else about the spec is what variety 1 draws for the seed.
     """
     rng = np.random.default_rng([int(seed), 7])
     kind = fov_kind or ("targeted" if rng.random() < 0.35 else "full")
@@ -150,11 +162,18 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
     noise = float(rng.uniform(10, 25) if rng.random() < 0.7 else rng.uniform(25, 45))
     # Slab centre: mostly through the liver, sometimes at its top (lung bases) or bottom (kidneys, bowel).
     z_center = float(rng.uniform(-200, 30))
+    extra: dict[str, Any] = {}
+    if variety >= 2:
+        r2 = np.random.default_rng([int(seed), 8])
+        drawn = str(r2.choice(PHASES, p=[0.4, 0.3, 0.2, 0.1]))
+        extra = dict(fatty_hu=float(r2.uniform(15, 50)) if r2.random() < 0.25 else 0.0,
+                     lesion_free=bool(r2.random() < 0.25), variety=int(variety))
+        ph = phase or drawn
     return CaseSpec(
         seed=int(seed), fov_mm=fov, rows=512, cols=512, slice_thickness=thick, slice_spacing=spacing,
         n_slices=n, phase=ph, noise_hu=noise, fov_kind=kind, z_center=z_center, center_xy=None,
         psf_mm=float(rng.uniform(0.5, 1.1)), noise_corr_mm=float(rng.uniform(0.5, 1.2)),
-        circle_mask=bool(kind == "full" and rng.random() < 0.5),
+        circle_mask=bool(kind == "full" and rng.random() < 0.5), **extra,
     )
 
 
@@ -166,7 +185,7 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
 class _Patient:
     """One random patient: body, organs, vessels, bones and lesions as implicit surfaces."""
 
-    def __init__(self, seed: int, phase: str):
+    def __init__(self, seed: int, phase: str, fatty_hu: float = 0.0, lesion_free: bool = False):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
         rng = np.random.default_rng([int(seed), 0])
@@ -250,7 +269,12 @@ class _Patient:
         self.table_gap2 = u(20, 70)
         # Lesions are placed after the liver exists (they need its signed distance).
         self.lesions = self._sample_lesions()
+        if lesion_free:
+            self.lesions = []
         self._hu = self._sample_hu()
+        # Steatosis darkens the parenchyma only: vessels keep their HU (in the unenhanced phase they then
+        # look brighter than the liver, as in a fatty liver) and lesions are painted against the new value.
+        self._hu["liver"] -= float(fatty_hu)
         self._vessels = self._sample_vessels()
         self.lung_vessels = [((u(-0.8, 0.8) * self.Ai, u(-0.7, 0.7) * self.Bi, u(-40, 60)), u(1.5, 4.0))
                              for _ in range(40)]
@@ -361,15 +385,44 @@ class _Patient:
                       aorta=u(140, 220), ivc=u(110, 180), cortex=u(150, 210), pancreas=u(80, 120),
                       heart=u(140, 220), spleen_mottle=0.0)
             hu["medulla"] = hu["cortex"] - u(0, 30)
-        else:
+        elif self.phase == "arterial":
             liver = u(60, 85)
             hu = dict(liver=liver, spleen=u(90, 140), pv=u(100, 170), hv=u(35, 70), aorta=u(250, 420),
                       ivc=u(60, 110), cortex=u(180, 280), medulla=u(60, 110), pancreas=u(100, 150),
                       heart=u(200, 350), spleen_mottle=u(0, 35))
+        elif self.phase == "delayed":
+            liver = u(80, 110)
+            hu = dict(liver=liver, spleen=liver + u(-10, 10), pv=liver + u(5, 30), hv=liver + u(0, 25),
+                      aorta=u(110, 160), ivc=u(100, 150), cortex=u(130, 180), pancreas=u(70, 100),
+                      heart=u(110, 160), spleen_mottle=0.0)
+            hu["medulla"] = hu["cortex"] + u(-10, 30)
+        else:  # unenhanced: blood (vessels, heart) darker than the liver
+            liver = u(50, 70)
+            blood = u(35, 50)
+            hu = dict(liver=liver, spleen=u(40, 55), pv=blood, hv=blood + u(-3, 3), aorta=blood + u(-3, 5),
+                      ivc=blood + u(-3, 3), cortex=u(28, 40), pancreas=u(30, 50), heart=blood + u(-3, 5),
+                      spleen_mottle=0.0)
+            hu["medulla"] = hu["cortex"] - u(0, 6)
         hu.update(muscle=u(40, 65), fat=u(-120, -85), wall=u(60, 120), bone=u(600, 1100), marrow=u(150, 350),
                   lung=u(-900, -820), myo=u(80, 130), csf=u(5, 20), disc=u(70, 100), cartilage=u(120, 260),
                   fluid=u(0, 25), contrast=u(200, 600), table=u(100, 400))
         return hu
+
+    def _late_lesion_hu(self, kind: str, L: float, cst: float, d: Array, size: float, rim: float) -> Any:
+        """Lesion HU in the delayed and unenhanced phases. Delayed: hypovascular lesions darker by 25-45 HU;
+        arterially enhancing ones (HCC: ``hyper`` and ``rim``) washed out, 10-30 HU darker than the liver
+        with a capsule 10-25 HU brighter than it. Unenhanced: most lesions 8-30 HU darker, with little
+        margin; ``iso`` ones within a few HU."""
+        if self.phase == "delayed":
+            if kind == "hypo":
+                return L - cst * 45 + 15 * np.clip(d / max(size, 1.0) + 0.5, -0.5, 0.5)
+            if kind in ("hyper", "rim"):
+                capsule = min(2.0, rim)
+                return np.where(d > -capsule, np.float32(L + 10 + 15 * cst), np.float32(L - 10 - 20 * cst))
+            return L + (1 if cst > 0.8 else -1) * (5 + 8 * cst)
+        if kind == "iso":
+            return L + (1 if cst > 0.8 else -1) * (3 + 5 * cst)
+        return L - (8 + 22 * cst)
 
     def _sample_lesions(self) -> list[dict[str, Any]]:
         """Lesions: hypodense metastases and cysts, hyperdense and rim-enhancing ones, near-isodense ones."""
@@ -679,7 +732,9 @@ class _Patient:
                 d = np.maximum(d, ld[sub])
                 L = hu_t["liver"]
                 k, cst = les["kind"], les["contrast"]
-                if k == "hypo":
+                if self.phase in ("delayed", "unenhanced") and k != "cyst":
+                    val = self._late_lesion_hu(k, L, cst, d, float(min(a)), float(les["rim"]))
+                elif k == "hypo":
                     # Hypovascular lesions stay clearly darker than enhancing parenchyma in the arterial
                     # phase too (about 20-35 HU), and more so in the portal phase.
                     val = L - cst * (35 + 35 * (self.phase == "portal"))
@@ -734,7 +789,7 @@ def make_phantom(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     Slices are in ascending z (inferior first). Thick slices average three sub-slices (partial volume
     along z); a Gaussian PSF blurs in-plane; noise is Gaussian, spatially correlated, and added last.
     """
-    pat = _Patient(spec.seed, spec.phase)
+    pat = _Patient(spec.seed, spec.phase, spec.fatty_hu, spec.lesion_free)
     ps_r, ps_c = spec.pixel_spacing
     rng = np.random.default_rng([int(spec.seed), 1, int(round(spec.fov_mm * 10)), spec.rows, spec.n_slices])
     if spec.center_xy is not None:
@@ -780,6 +835,6 @@ def make_phantom(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
 
 
 def sample_case(seed: int, *, n_slices: int | None = None, fov_kind: str | None = None,
-                phase: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                phase: str | None = None, variety: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """A random patient scanned with a random acquisition (``sample_spec``), deterministic for ``seed``."""
-    return make_phantom(sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, phase=phase))
+    return make_phantom(sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, phase=phase, variety=variety))

@@ -17,10 +17,10 @@ from appliance_dev.synthetic import make_phantom, sample_spec
 from appliance_dev.train.config import HELDOUT_SEED0, N_CLASSES, SPEC
 
 
-def _render_case(args: tuple[int, int, str | None]) -> dict:
-    """One phantom on the model grid (what training sees), plus its source-grid truth when held out."""
-    seed, n_slices, fov_kind = args
-    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind)
+def _render_case(args: tuple) -> dict:
+    """One phantom on the model grid (what training sees): (seed, slices, fov kind[, generator variety])."""
+    seed, n_slices, fov_kind = args[:3]
+    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=args[3] if len(args) > 3 else 1)
     hu, lab, meta = make_phantom(spec)
     grid = model_grid(hu.shape[1], hu.shape[2], meta["pixel_spacing"], SPEC)
     prep = to_model_grid(hu, grid, SPEC).astype(np.float16)
@@ -30,9 +30,9 @@ def _render_case(args: tuple[int, int, str | None]) -> dict:
 
 
 def render_cases(seeds: list[int], n_slices: int, workers: int, fov_kinds: list[str | None] | None = None,
-                 keep_source: bool = False) -> list[dict]:
+                 keep_source: bool = False, variety: int = 1) -> list[dict]:
     kinds = fov_kinds or [None] * len(seeds)
-    jobs = [(s, n_slices, k) for s, k in zip(seeds, kinds)]
+    jobs = [(s, n_slices, k, variety) for s, k in zip(seeds, kinds)]
     out: list[dict] = []
     t0 = time.time()
     fn = _render_heldout if keep_source else _render_case
@@ -48,9 +48,9 @@ def render_cases(seeds: list[int], n_slices: int, workers: int, fov_kinds: list[
     return out
 
 
-def _render_heldout(args: tuple[int, int, str | None]) -> dict:
-    seed, n_slices, fov_kind = args
-    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind)
+def _render_heldout(args: tuple) -> dict:
+    seed, n_slices, fov_kind = args[:3]
+    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=args[3] if len(args) > 3 else 1)
     hu, lab, meta = make_phantom(spec)
     return dict(seed=seed, hu=hu, lab=lab, spacing=meta["pixel_spacing"], fov_kind=spec.fov_kind, phase=spec.phase)
 
@@ -65,12 +65,14 @@ class CropSampler:
     """Random training crops of model-grid slices with their slice context, mostly through the liver."""
 
     def __init__(self, cases: list[dict], crop: int, rng: np.random.Generator, lesion_frac: float = 0.0,
-                 shading_hu: float = 0.0) -> None:
+                 shading_hu: float = 0.0, edge_hu: float = 0.0, clefts: float = 0.0) -> None:
         self.cases = cases
         self.crop = crop
         self.rng = rng
         self.lesion_frac = lesion_frac
         self.shading_hu = shading_hu
+        self.edge_hu = edge_hu
+        self.clefts = clefts
         self.index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0])]
         self.liver_index = [(ci, k) for ci, c in enumerate(cases) for k in range(c["prep"].shape[0]) if (c["lab"][k] > 0).any()]
         # Lesion pixels are ~1% of liver crops; without crops centred on them the lesion class is starved.
@@ -80,6 +82,8 @@ class CropSampler:
         ch, cs = SPEC.channels, self.crop
         x = np.full((n, ch, cs, cs), -1.0, np.float32)
         y = np.zeros((n, cs, cs), np.int64)
+        # The liver (labels 1+2) of every context slice, for the edge augmentations.
+        ctx_liver = np.zeros((n, ch, cs, cs), bool)
         for b in range(n):
             on_lesion = bool(self.lesion_index) and self.rng.random() < self.lesion_frac
             if on_lesion:
@@ -107,6 +111,7 @@ class CropSampler:
                 continue
             x[b, :, sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = prep[idx, sr0:sr1, sc0:sc1]
             y[b, sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = lab[k, sr0:sr1, sc0:sc1]
+            ctx_liver[b, :, sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = lab[idx, sr0:sr1, sc0:sc1] > 0
         # Mild intensity jitter (a few HU of calibration offset / gain), in window units.
         shift = self.rng.uniform(-0.03, 0.03, size=(n, 1, 1, 1)).astype(np.float32)
         gain = self.rng.uniform(0.95, 1.05, size=(n, 1, 1, 1)).astype(np.float32)
@@ -114,6 +119,88 @@ class CropSampler:
         x = np.where(inside, np.clip(x * gain + shift, -1.0, 1.0), x)
         if self.shading_hu > 0:
             x = self._shade(x)
+        if self.edge_hu > 0:
+            x = self._edge_shade(x, ctx_liver)
+        if self.clefts > 0:
+            x, y = self._clefts(x, y, ctx_liver)
+        return x, y
+
+    def _edge_shade(self, x: np.ndarray, liver: np.ndarray) -> np.ndarray:
+        """A band along the liver's edge made darker (mostly) or brighter, strongest on one side, on half
+        the crops: what beam hardening next to ribs and the spine, and partial volume with lung and fat,
+        do to the rim of a real liver. Labels stay: the band is liver. The shipped model called such
+        crescents on the shared real CT lesions of 10-55 mm; the phantoms had no such rim.
+
+        The band fades with the distance inside the liver (e-folding 2-8 model pixels, 4-16 mm) and with
+        the angle from a random direction, so strength, width and side vary as they do between scanners
+        and patients. Smooth and edgeless across the liver, unlike a lesion."""
+        from scipy.ndimage import distance_transform_edt
+
+        n, ch, cs, _ = x.shape
+        unit = (SPEC.window[1] - SPEC.window[0]) / 2.0  # HU per window unit
+        yy, xx = np.mgrid[0:cs, 0:cs].astype(np.float32)
+        for b in range(n):
+            if self.rng.random() >= 0.5 or not liver[b].any():
+                continue
+            amp = float(self.rng.uniform(0.25, 1.0)) * self.edge_hu / unit
+            sign = -1.0 if self.rng.random() < 0.8 else 1.0
+            width = float(self.rng.uniform(2.0, 8.0))
+            theta = float(self.rng.uniform(0, 2 * np.pi))
+            sharp = float(self.rng.uniform(0.5, 3.0))  # how one-sided the band is
+            ref = liver[b, ch // 2] if liver[b, ch // 2].any() else liver[b].any(axis=0)
+            ly, lx = np.nonzero(ref)
+            cy, cx = float(ly.mean()), float(lx.mean())
+            ang = np.cos(np.arctan2(yy - cy, xx - cx) - theta)
+            side = np.clip(ang, 0.0, 1.0) ** sharp
+            for c in range(ch):
+                m = liver[b, c]
+                if not m.any():
+                    continue
+                d = distance_transform_edt(m)
+                field = sign * amp * np.exp(-(d - 1.0).clip(0) / width) * side
+                x[b, c] = np.where(m, np.clip(x[b, c] + field, -1.0, 1.0), x[b, c])
+        return x
+
+    def _clefts(self, x: np.ndarray, y: np.ndarray, liver: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fat or fluid clefts cut into the liver from its edge (fissures, the hilum, the gallbladder fossa,
+        a fluid rim), on a fraction ``clefts`` of the crops: thin elongated wedges of -100..20 HU reaching
+        8-40 mm inwards, labelled background, as a reference mask leaves them out of the liver. Lesions
+        are round and surrounded by liver; these are long, thin and open to the outside. The shipped
+        model called such structures at the real CT's hilum lesions."""
+        from scipy.ndimage import binary_erosion, gaussian_filter
+
+        n, ch, cs, _ = x.shape
+        lo, hi = SPEC.window
+        yy, xx = np.mgrid[0:cs, 0:cs].astype(np.float32)
+        for b in range(n):
+            mid = liver[b, ch // 2]
+            if self.rng.random() >= self.clefts or mid.sum() < 200:
+                continue
+            rim = mid & ~binary_erosion(mid)
+            ry, rx = np.nonzero(rim)
+            j = int(self.rng.integers(len(ry)))
+            py, px = float(ry[j]), float(rx[j])
+            ly, lx = np.nonzero(mid)
+            vy, vx = float(ly.mean()) - py, float(lx.mean()) - px  # inwards, towards the liver's centre
+            norm = max(np.hypot(vy, vx), 1e-3)
+            vy, vx = vy / norm, vx / norm
+            length = float(self.rng.uniform(4.0, 20.0))  # model pixels (2 mm)
+            half_w = float(self.rng.uniform(0.6, 2.5))
+            hu = float(self.rng.uniform(-100.0, 20.0))
+            # Distance along and across the cleft's axis from its mouth on the rim, widest at the mouth.
+            along = (yy - py) * vy + (xx - px) * vx
+            across = np.abs(-(yy - py) * vx + (xx - px) * vy)
+            t = along / length
+            shape = (t > -0.3) & (t < 1.0) & (across < half_w * (1.0 - 0.7 * t.clip(0, 1)) + 0.5)
+            value = (hu - lo) / (hi - lo) * 2.0 - 1.0
+            for c in range(ch):
+                cut = shape & liver[b, c]
+                if not cut.any():
+                    continue
+                soft = gaussian_filter(cut.astype(np.float32), 0.6) * liver[b, c]  # blended within the liver only
+                x[b, c] = x[b, c] * (1.0 - soft) + value * soft
+            cut = shape & mid
+            y[b][cut] = 0
         return x, y
 
     def _shade(self, x: np.ndarray) -> np.ndarray:
@@ -142,7 +229,10 @@ def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """Training phantoms are seeds S..S+N-1 (S = --train-seed0); held-out ones alternate full and targeted views."""
     import pickle
 
+    variety = int(getattr(args, "variety", 1))
     key = (args.train_phantoms, args.train_slices, args.heldout_phantoms, args.heldout_slices, args.train_seed0)
+    if variety != 1:  # variety 1 caches keep their key
+        key = (*key, variety)
     if args.cache is not None and args.cache.exists():
         with args.cache.open("rb") as f:
             cached = pickle.load(f)
@@ -151,10 +241,10 @@ def load_or_render(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             return cached["train"], cached["heldout"]
         log(f"cache {args.cache} was rendered with other settings: rendering again")
     seeds = list(range(args.train_seed0, args.train_seed0 + args.train_phantoms))
-    train = render_cases(seeds, args.train_slices, args.workers)
+    train = render_cases(seeds, args.train_slices, args.workers, variety=variety)
     ho_seeds = [HELDOUT_SEED0 + i for i in range(args.heldout_phantoms)]
     ho_kinds = ["full" if i % 2 == 0 else "targeted" for i in range(args.heldout_phantoms)]
-    heldout = render_cases(ho_seeds, args.heldout_slices, args.workers, ho_kinds, keep_source=True)
+    heldout = render_cases(ho_seeds, args.heldout_slices, args.workers, ho_kinds, keep_source=True, variety=variety)
     if args.cache is not None:
         with args.cache.open("wb") as f:
             pickle.dump({"key": key, "train": train, "heldout": heldout}, f, protocol=pickle.HIGHEST_PROTOCOL)

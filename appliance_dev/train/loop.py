@@ -36,7 +36,7 @@ class Trained:
 
 def train_model(args: argparse.Namespace, train: list[dict], dev: str) -> Trained:
     """Train on the rendered ``train`` cases with the script's options (``--init``, ``--width``, ``--lr``,
-    ``--steps``, ``--batch``, ``--crop``, ``--seed``, ``--lesion-*``, ``--shading``) on device ``dev``."""
+    ``--steps``, ``--batch``, ``--crop``, ``--seed``, ``--lesion-*``, ``--shading``, ``--edge-shading``, ``--clefts``) on device ``dev``."""
     import torch
     import torch.nn.functional as F
 
@@ -61,7 +61,8 @@ def train_model(args: argparse.Namespace, train: list[dict], dev: str) -> Traine
         t = (step - warm) / max(1, args.steps - warm)
         return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]), args.lesion_crops, args.shading)
+    sampler = CropSampler(train, args.crop, np.random.default_rng([args.seed, 11]), args.lesion_crops, args.shading,
+                           getattr(args, "edge_shading", 0.0), getattr(args, "clefts", 0.0))
     cls_w = torch.tensor([1.0, 1.0, args.lesion_weight], device=dev)
     model.train()
     t0 = time.time()

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance_dev import manifest
-from appliance_dev.train.config import HELDOUT_SEED0, MAX_BATCH, N_CLASSES, NAME, OPT_BATCH, OPT_SIZE, SPEC, VERSION
+from appliance_dev.train.config import (HELDOUT_SEED0, MAX_BATCH, MIN_CONFIDENCE, N_CLASSES, NAME, OPT_BATCH, OPT_SIZE,
+                                        SPEC, VERSION)
 
 
 def fmt_metric(v: float) -> str:
@@ -142,6 +143,13 @@ def manifest_fields(out: Path, info: dict) -> dict[str, Any]:
     }
     if info.get("init_sha"):
         training["init_sha256"] = info["init_sha"]
+    # What the stage-5 options changed, recorded only where they were used (earlier manifests stay as written).
+    if info.get("variety", 1) != 1:
+        training["phantom_variety"] = info["variety"]
+        training["heldout_variety"] = info["variety"]
+    for key, field in (("shading", "shading_hu"), ("edge_shading", "edge_shading_hu"), ("clefts", "clefts")):
+        if info.get(key):
+            training[field] = float(info[key])
     return {
         "schema": 1,
         "name": NAME,
@@ -160,7 +168,7 @@ def manifest_fields(out: Path, info: dict) -> dict[str, Any]:
         "output": {"tensor": "logits", "kind": "scores", "classes": N_CLASSES},
         "postprocess": {"largest_component": [1, 2]},
         # a finding is at least 5 mm across (smaller components are noise at this model's 2 mm grid)
-        "reporting": {"min_lesion_diameter_mm": 5.0},
+        "reporting": {"min_lesion_diameter_mm": 5.0, "min_confidence": MIN_CONFIDENCE},
         "labels": list(manifest.LIVER_LABELS),
         "files": manifest.file_digests(out, ("model.onnx", "MODEL_CARD.md")),
         "training": training,
