@@ -218,7 +218,7 @@ def froc_png(curves: dict[str, list[Tally]], path: Any, marks: dict[str, float] 
     each curve's chosen threshold."""
     from PIL import Image, ImageDraw
 
-    w, h, left, bottom, top, right = 720, 480, 70, 60, 30, 190
+    w, h, left, bottom, top, right = 780, 480, 70, 60, 30, 250
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     xmax = max([t.fp_per_case() for c in curves.values() for t in c] + [1.0])
@@ -249,7 +249,7 @@ def froc_png(curves: dict[str, list[Tally]], path: Any, marks: dict[str, float] 
             y = top + 10 + 18 * row
             row += 1
             d.line([(w - right + 10, y + 6), (w - right + 30, y + 6)], fill=colour, width=width)
-            d.text((w - right + 35, y), (name[:18] + (" >=10 mm" if big else " all")), fill="black")
+            d.text((w - right + 35, y), (name[:28] + (" >=10 mm" if big else " all")), fill="black")
             if marks and name in marks:
                 t = min(curve, key=lambda t: abs(t.threshold - marks[name]))
                 x0, y0 = xy(t.fp_per_case(bands), t.sensitivity(bands) or 0.0)

@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["free_threshold"] = free.threshold
                 entry["chosen_threshold"] = threshold = free.threshold if a.rule == "free" else chosen.threshold
             entry["phantoms"] = report_findings(name, phantom_cases[name], threshold, f"{a.split} phantoms")
-            curves[f"{name} phantoms"] = le.froc(phantom_cases[name])
-            marks[f"{name} phantoms"] = threshold
+            curves[name] = le.froc(phantom_cases[name])
+            marks[name] = threshold
         if real_cases.get(name):
             entry["real_cases"] = [{"name": c.name, "findings": [
                 {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
