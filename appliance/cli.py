@@ -7,12 +7,15 @@ import json
 import logging
 import sys
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__, logs
 from appliance.config import DEFAULT_CONFIG_NAME, Config, load_config
 from appliance.errors import ApplianceError, ResultsError
 from appliance.store.states import OutboxState
+
+if TYPE_CHECKING:  # measure pulls numpy and scipy: imported where a command needs it
+    from appliance.infer.measure import Lesion
 
 log = logging.getLogger("appliance")
 
@@ -271,7 +274,7 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _finding_line(les: Any) -> str:
+def _finding_line(les: Lesion) -> str:
     """One finding as a reader says it: size first, then where it is and what it looks like."""
     parts = [
         f"finding {les.index}: {les.longest_axial_diameter_mm:.1f} x {les.short_axis_mm:.1f} mm",

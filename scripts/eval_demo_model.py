@@ -41,7 +41,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from appliance.infer.measure import LESION_CATEGORY
+from appliance.infer.measure import lesion_values
 from appliance.infer.postprocess import keep_largest_component
 from appliance.infer.preprocess import (
     InputSpec,
@@ -49,7 +49,6 @@ from appliance.infer.preprocess import (
     class_confidence,
     model_grid,
     scores_to_labels,
-    scores_to_source,
     to_model_grid,
 )
 from appliance.models.manifest import Label
@@ -78,33 +77,21 @@ def load_package(folder: Path, threads: int):
     return man, spec, sess
 
 
-def predict(sess, spec: InputSpec, man: dict, hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    grid = model_grid(hu.shape[1], hu.shape[2], spacing, spec)
-    prep = to_model_grid(hu, grid, spec)
-    batch = int(man["input"].get("max_batch", 16))
-    out = np.zeros(hu.shape, np.uint8)
-    for s in range(0, prep.shape[0], batch):
-        e = min(s + batch, prep.shape[0])
-        scores = sess.run([man["output"]["tensor"]], {man["input"]["tensor"]: batch_input(prep, s, e, spec.channels)})[0]
-        out[s:e] = scores_to_source(scores, grid).argmax(axis=1)
-    return keep_largest_component(out, classes=man["postprocess"]["largest_component"])
-
-
 def predict_findings(sess, spec: InputSpec, man: dict, hu: np.ndarray, spacing: tuple[float, float]
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (as :func:`predict`) and the model's probability of each lesion pixel's label (0..255), the way
+    """Labels (argmax, largest component) and the model's probability of each lesion pixel's label (0..255), the way
     serving computes them (``scores_to_labels``, ``class_confidence``)."""
     grid = model_grid(hu.shape[1], hu.shape[2], spacing, spec)
     prep = to_model_grid(hu, grid, spec)
     batch = int(man["input"].get("max_batch", 16))
-    lesion_values = [int(lab["value"]) for lab in man["labels"] if lab["category"]["code"] == LESION_CATEGORY]
+    lesion_labels = lesion_values(_labels(man))
     out = np.zeros(hu.shape, np.uint8)
     conf = np.zeros(hu.shape, np.uint8)
     for s in range(0, prep.shape[0], batch):
         e = min(s + batch, prep.shape[0])
         scores = sess.run([man["output"]["tensor"]], {man["input"]["tensor"]: batch_input(prep, s, e, spec.channels)})[0]
         scores_to_labels(scores, grid, out=out[s:e])
-        class_confidence(scores, grid, out[s:e], lesion_values, out=conf[s:e])
+        class_confidence(scores, grid, out[s:e], lesion_labels, out=conf[s:e])
     return keep_largest_component(out, classes=man["postprocess"]["largest_component"]), conf
 
 
@@ -301,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_package(f, a.threads)
         models.append((f"{f.name} {loaded[0]['version']}", loaded))
     if len({name for name, _ in models}) < len(models):  # the same package name and version twice: say where
-        models = [(str(f), m) for f, (_, m) in zip(folders, models)]
+        models = [(str(f), m) for f, (_, m) in zip(folders, models, strict=True)]
     seed0 = VALIDATION_SEED0 if a.split == "validation" else HELDOUT_SEED0
     phantom_cases = eval_phantoms(models, a.phantoms, a.slices, seed0, a.variety) if a.phantoms else {}
     real_cases: dict[str, list[le.Case]] = {}
@@ -339,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                 {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
                  "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
                  "surrounding_hu": f.lesion.surrounding_hu} for f in c.findings]} for c in real_cases[name]]
-            entry["real"] = {c.name: {"findings_at_threshold": le.tally([c], threshold).reported,
-                                      "ge10_at_threshold": sum(le.tally([c], threshold).false_positive[b]
-                                                               for b in le.BAND_NAMES[1:]),
+            at = {c.name: le.tally([c], threshold) for c in real_cases[name]}
+            entry["real"] = {c.name: {"findings_at_threshold": at[c.name].reported,
+                                      "ge10_at_threshold": sum(at[c.name].false_positive[b] for b in le.BAND_NAMES[1:]),
                                       "froc": [le.tally([c], t).to_dict()["fp_per_case"] for t in le.THRESHOLDS]}
                              for c in real_cases[name]}
         out["models"][name] = entry

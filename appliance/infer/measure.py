@@ -28,6 +28,11 @@ ISO_HU = 10.0
 SHELL_MM = 5.0
 
 
+def lesion_values(label_defs: Sequence[Label]) -> list[int]:
+    """The label values a package counts as lesions (category SCT 49755003), in manifest order."""
+    return [lab.value for lab in label_defs if lab.category.code == LESION_CATEGORY]
+
+
 class SummaryFormatError(ValueError):
     """A measurement summary (``summary.json``) lacks a field or has one of the wrong type."""
 
@@ -351,7 +356,7 @@ def measure(
     lm = as_labelmap(labels)
     voxel_ml = pixel_spacing[0] * pixel_spacing[1] * slice_spacing / 1000.0
     counts = lm.counts(256)
-    lesion_values = [d.value for d in label_defs if d.category.code == LESION_CATEGORY]
+    lesion_labels = lesion_values(label_defs)
     lesions: list[Lesion] = []
     unreported = 0
     for lab in label_defs:
@@ -383,7 +388,7 @@ def measure(
                 d, short = _axes_of_pixels(rel_r[part], rel_c[part], pixel_spacing)
                 if d > best[i]:
                     best[i], best_short[i], best_z[i] = d, short, zz
-        organ_centre = lm.centroid([organ, *lesion_values]) if organ and orientation is not None else None
+        organ_centre = lm.centroid([organ, *lesion_labels]) if organ and orientation is not None else None
         conf = feats.confidence(comps.sizes)
         for i in range(m):
             n = int(comps.sizes[i])
@@ -550,8 +555,7 @@ def _report(
     )
     lesions = sorted(lesions, key=lambda d: -d.volume_ml)  # stable: ties keep the order they were found in
     numbered = tuple(dataclasses.replace(les, index=i) for i, les in enumerate(lesions, start=1))
-    lesion_values = {lab.value for lab in label_defs if lab.category.code == LESION_CATEGORY}
-    organ_values = {lab.value for lab in label_defs} - lesion_values
+    organ_values = {lab.value for lab in label_defs} - set(lesion_values(label_defs))
     organs = []
     # An organ's volume includes the lesions inside it (a liver volume with its metastases cut out is not
     # what a clinician means by liver volume); the label's own volume stays in ``labels``.

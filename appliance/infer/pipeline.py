@@ -28,7 +28,7 @@ from appliance.errors import InferenceError
 from appliance.fsio import write_atomic
 from appliance.infer.backends import Backend
 from appliance.infer.labelmap import LabelMap
-from appliance.infer.measure import LESION_CATEGORY, measure
+from appliance.infer.measure import lesion_values, measure
 from appliance.infer.postprocess import keep_largest_component_map
 from appliance.infer.preprocess import (
     class_confidence,
@@ -201,7 +201,7 @@ def segment_volume(
     half = spec.channels // 2
     context = context_indices(n, spec.channels)
     labels = LabelMap((n, rows, cols))
-    lesion_values = [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY]
+    lesion_labels = lesion_values(package.labels)
     # The first slabs are short (two batches, then doubling): the first is prepared while nothing else
     # runs, each later one while the one before is predicted.
     bounds: list[tuple[int, int]] = []
@@ -241,7 +241,7 @@ def segment_volume(
         scores_to_labels(scores, grid, out=slab[start - z0 : stop - z0])
         if conf_slab is not None:
             class_confidence(
-                scores, grid, slab[start - z0 : stop - z0], lesion_values, out=conf_slab[start - z0 : stop - z0]
+                scores, grid, slab[start - z0 : stop - z0], lesion_labels, out=conf_slab[start - z0 : stop - z0]
             )
 
     t_read = t_prep = t_infer = t_post = 0.0

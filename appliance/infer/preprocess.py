@@ -268,22 +268,19 @@ def class_confidence(
     """
     if out is None:
         out = np.zeros(labels.shape, dtype=np.uint8)
-    wanted = np.zeros(256, dtype=bool)
-    wanted[[int(v) for v in values if 0 < int(v) < 256]] = True
-    hit = wanted[labels]
-    if not hit.any():
+    else:
         out[...] = 0
+    present = [v for v in sorted({int(v) for v in values}) if 0 < v < scores.shape[1] and (labels == v).any()]
+    if not present:
         return out
     h, w = grid.shape
     rows, cols = grid.source_shape
     crop = scores[:, :, :h, :w].astype(np.float32, copy=False)
-    top = crop.max(axis=1, keepdims=True)
-    e = np.exp(crop - top)
+    e = np.exp(crop - crop.max(axis=1, keepdims=True))
     total = e.sum(axis=1)
     i0, _, _ = _axis_weights(h, rows)
     j0, _, _ = _axis_weights(w, cols)
-    out[...] = 0
-    for v in sorted({int(v) for v in values if 0 < int(v) < min(256, crop.shape[1])}):
+    for v in present:
         prob = np.rint(e[:, v] / total * 255.0).astype(np.uint8)  # (n, h, w)
         up = np.take(np.take(prob, j0, axis=2), i0, axis=1)
         mask = labels == v

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from appliance.errors import ResultsError
 from appliance.infer.labelmap import LabelMap, as_labelmap
-from appliance.infer.measure import LESION_CATEGORY, Measurements
+from appliance.infer.measure import LESION_CATEGORY, Measurements, lesion_values
 from appliance.infer.volume import Volume
 from appliance.models.package import ModelPackage
 from appliance.results import identity
@@ -78,7 +78,7 @@ def key_slice(labels: np.ndarray | LabelMap, package: ModelPackage) -> int:
     """The slice with the largest lesion area (all lesion labels together); without lesions the largest
     organ area; with an empty label map the middle slice."""
     lm = as_labelmap(labels)
-    lesions = [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY]
+    lesions = lesion_values(package.labels)
     organs = [lab.value for lab in package.labels if lab.category.code != LESION_CATEGORY]
     for values in (lesions, organs):
         area = lm.area_per_slice(values)
@@ -165,11 +165,11 @@ def render_key_image(
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     colours = label_colours(package)
     present = set(np.unique(sl).tolist()) - {0}
-    lesion_values = [lab.value for lab in package.labels if lab.category.code == LESION_CATEGORY]
+    lesion_labels = lesion_values(package.labels)
     # Organs first, outlined around the lesions they contain; lesions on top.
     order = sorted(package.labels, key=lambda lab: lab.category.code == LESION_CATEGORY)
     for lab in order:
-        inside = [] if lab.value in lesion_values else lesions_inside(package, lab.value)
+        inside = [] if lab.value in lesion_labels else lesions_inside(package, lab.value)
         if lab.value not in present and not (present & set(inside)):
             continue
         mask = np.isin(sl, [lab.value, *inside])

@@ -17,10 +17,10 @@ from appliance_dev.synthetic import make_phantom, sample_spec
 from appliance_dev.train.config import HELDOUT_SEED0, N_CLASSES, SPEC
 
 
-def _render_case(args: tuple) -> dict:
-    """One phantom on the model grid (what training sees): (seed, slices, fov kind[, generator variety])."""
-    seed, n_slices, fov_kind = args[:3]
-    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=args[3] if len(args) > 3 else 1)
+def _render_case(args: tuple[int, int, str | None, int]) -> dict:
+    """One phantom on the model grid (what training sees): (seed, slices, fov kind, generator variety)."""
+    seed, n_slices, fov_kind, variety = args
+    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=variety)
     hu, lab, meta = make_phantom(spec)
     grid = model_grid(hu.shape[1], hu.shape[2], meta["pixel_spacing"], SPEC)
     prep = to_model_grid(hu, grid, SPEC).astype(np.float16)
@@ -48,9 +48,9 @@ def render_cases(seeds: list[int], n_slices: int, workers: int, fov_kinds: list[
     return out
 
 
-def _render_heldout(args: tuple) -> dict:
-    seed, n_slices, fov_kind = args[:3]
-    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=args[3] if len(args) > 3 else 1)
+def _render_heldout(args: tuple[int, int, str | None, int]) -> dict:
+    seed, n_slices, fov_kind, variety = args
+    spec = sample_spec(seed, n_slices=n_slices, fov_kind=fov_kind, variety=variety)
     hu, lab, meta = make_phantom(spec)
     return dict(seed=seed, hu=hu, lab=lab, spacing=meta["pixel_spacing"], fov_kind=spec.fov_kind, phase=spec.phase)
 
