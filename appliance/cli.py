@@ -258,8 +258,10 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
     m = s.measurements
     organs = ", ".join(f"{o.name} {o.volume_ml:.1f} mL" for o in m.organs)
     files_made = ", ".join(["labelmap.npz", "summary.json", *(o.filename for o in made)])
-    threshold = f"under {m.min_lesion_diameter_mm:g} mm" + (
-        f" or under {m.min_confidence:g} confidence" if m.min_confidence else ""
+    threshold = (
+        f"under {m.min_lesion_diameter_mm:g} mm"
+        + (f" or under {m.min_confidence:g} confidence" if m.min_confidence else "")
+        + (" or rims along the organ's edge" if m.max_edge_contact < 1.0 else "")
     )
     print(
         f"{out}: {files_made}: {organs}; {m.lesion_count} lesion finding(s)"

@@ -75,13 +75,14 @@ def case_findings(
     label_defs: list[Label],
     spacing: tuple[float, float],
     slice_mm: float,
-    min_diameter_mm: float,
+    reporting: float | Reporting,
     tags: Sequence[str] = (),
 ) -> Case:
     """The findings of one predicted label map (after the package's clean-up), matched to the reference.
 
     ``labels`` is not changed. ``truth_lesions`` None means the series has no lesion reference (the real CT:
-    its liver shows no focal lesion, so every finding is a false positive)."""
+    its liver shows no focal lesion, so every finding is a false positive). ``reporting`` is the package's
+    (a number: its diameter threshold alone); its confidence threshold is not applied here but swept."""
     work = labels.copy()
     uids = [str(i) for i in range(labels.shape[0])]
     m = measure(
@@ -90,7 +91,11 @@ def case_findings(
         spacing,
         slice_mm,
         uids,
-        reporting=Reporting(min_lesion_diameter_mm=min_diameter_mm, min_confidence=0.0),
+        reporting=(
+            Reporting(min_lesion_diameter_mm=reporting)
+            if isinstance(reporting, int | float)
+            else reporting.model_copy(update={"min_confidence": 0.0})
+        ),
         confidence=LabelMap.from_array(confidence),
         read_hu=lambda a, b: hu[a:b],
         orientation=AXIAL,
@@ -210,6 +215,45 @@ def free_threshold(curve: Sequence[Tally], tolerance: float = 0.02) -> Tally:
     best = max((t.sensitivity(BAND_NAMES[1:]) or 0.0) for t in curve)
     ok = [t for t in curve if (t.sensitivity(BAND_NAMES[1:]) or 0.0) >= best - tolerance - 1e-9]
     return max(ok, key=lambda t: t.threshold)
+
+
+def is_rim(les: Lesion, max_edge_contact: float, max_width_mm: float) -> bool:
+    """Whether serving's rim rule (``[reporting] max_edge_contact``, ``rim_max_width_mm``) drops ``les``."""
+    return (
+        les.edge_contact is not None
+        and les.edge_contact > max_edge_contact
+        and les.width_mm is not None
+        and les.width_mm < max_width_mm
+    )
+
+
+def without_rims(cases: Sequence[Case], max_edge_contact: float, max_width_mm: float) -> list[Case]:
+    """``cases`` as serving would report them under a rim rule (the rule judges each finding on its own, so
+    findings measured without it and filtered here are exactly what serving reports with it)."""
+    return [
+        Case(
+            c.name,
+            tuple(f for f in c.findings if not is_rim(f.lesion, max_edge_contact, max_width_mm)),
+            c.reference_mm,
+            c.tags,
+        )
+        for c in cases
+    ]
+
+
+def free_rim_limit(cases: Sequence[Case], max_width_mm: float, step: float = 0.05) -> float:
+    """The lowest edge-contact limit (a multiple of ``step``) that drops no true finding of ``cases``: above
+    the edge contact of every finding that overlaps a reference lesion and is thinner than ``max_width_mm``."""
+    worst = max(
+        (
+            f.lesion.edge_contact or 0.0
+            for c in cases
+            for f in c.findings
+            if f.hits and (f.lesion.width_mm or 0.0) < max_width_mm
+        ),
+        default=0.0,
+    )
+    return min(1.0, round((np.floor(worst / step + 1e-9) + 1) * step, 2))
 
 
 def froc_png(curves: dict[str, list[Tally]], path: Any, marks: dict[str, float] | None = None) -> None:

@@ -51,7 +51,7 @@ from appliance.infer.preprocess import (
     scores_to_labels,
     to_model_grid,
 )
-from appliance.models.manifest import Label
+from appliance.models.manifest import Label, Reporting
 from appliance_dev import lesion_eval as le
 from appliance_dev.real_ct import REAL_CT, dice, real_views
 
@@ -138,7 +138,7 @@ def lesion_error_terms(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
 
 
 def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int, seed0: int = HELDOUT_SEED0,
-                  variety: int = 1) -> dict[str, list[le.Case]]:
+                  variety: int = 1, edge: float | None = None) -> dict[str, list[le.Case]]:
     """Voxel Dice and component detection printed as before; the per-finding cases returned."""
     from appliance_dev.synthetic import sample_case
 
@@ -159,7 +159,7 @@ def eval_phantoms(models: list[tuple[str, tuple]], n: int, slices: int, seed0: i
             pred, conf = predict_findings(sess, spec, man, hu, meta["pixel_spacing"])
             cases[name].append(le.case_findings(
                 f"phantom {seed0 + i}", pred, conf, hu, lab == 2, _labels(man), tuple(meta["pixel_spacing"]), dz,
-                _min_mm(man), tags=(kind, meta["phase"])))
+                _reporting(man, edge), tags=(kind, meta["phase"])))
             for group in ("all", kind, meta["phase"]):
                 g = acc[name].setdefault(group, [0, 0, 0, 0])
                 for j, (p, t) in enumerate(((pred > 0, lab > 0), (pred == 2, lab == 2))):
@@ -202,6 +202,12 @@ def _min_mm(man: dict) -> float:
     return float(man.get("reporting", {}).get("min_lesion_diameter_mm", 0.0))
 
 
+def _reporting(man: dict, edge: float | None = None) -> Reporting:
+    """The package's reporting rules; ``edge`` replaces its rim rule's edge-contact limit (1: no rim rule)."""
+    r = Reporting.model_validate(man.get("reporting", {}))
+    return r if edge is None else r.model_copy(update={"max_edge_contact": edge})
+
+
 def _min_conf(man: dict) -> float:
     return float(man.get("reporting", {}).get("min_confidence", 0.0))
 
@@ -231,12 +237,14 @@ def report_findings(name: str, cases: list[le.Case], threshold: float, what: str
                        "findings": [{"diameter_mm": f.lesion.longest_axial_diameter_mm,
                                      "short_axis_mm": f.lesion.short_axis_mm, "volume_ml": f.lesion.volume_ml,
                                      "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
-                                     "surrounding_hu": f.lesion.surrounding_hu, "true": bool(f.hits)}
+                                     "surrounding_hu": f.lesion.surrounding_hu,
+                                     "edge_contact": f.lesion.edge_contact,
+                                     "width_mm": f.lesion.width_mm, "true": bool(f.hits)}
                                     for f in c.findings]}
                       for c in cases]}
 
 
-def eval_real(models: list[tuple[str, tuple]], folder: Path) -> dict[str, list[le.Case]]:
+def eval_real(models: list[tuple[str, tuple]], folder: Path, edge: float | None = None) -> dict[str, list[le.Case]]:
     """Liver Dice on the real series as acquired and on the views derived from it (see appliance_dev/real_ct.py),
     and its findings: its liver shows no focal lesion, so every finding is a false one."""
     cases: dict[str, list[le.Case]] = {name: [] for name, _ in models}
@@ -245,7 +253,7 @@ def eval_real(models: list[tuple[str, tuple]], folder: Path) -> dict[str, list[l
             t0 = time.time()
             pred, conf = predict_findings(sess, spec, man, view.hu, view.spacing)
             case = le.case_findings(f"real CT {view.name}", pred, conf, view.hu, None, _labels(man), view.spacing,
-                                    view.slice_mm, _min_mm(man), tags=(view.name,))
+                                    view.slice_mm, _reporting(man, edge), tags=(view.name,))
             cases[name].append(case)
             kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= _min_conf(man) - 1e-9]
             big = [f for f in kept if f.lesion.longest_axial_diameter_mm >= 10.0]
@@ -270,15 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["heldout", "validation"], default="heldout",
                    help="held-out phantoms (seeds from 1,000,000; the reported figures) or validation phantoms "
                         "(from 3,000,000; where the confidence threshold is chosen)")
-    p.add_argument("--variety", type=int, choices=[1, 2], default=1,
+    p.add_argument("--variety", type=int, choices=[1, 2, 3], default=1,
                    help="phantom generator: 1 portal/arterial (the card's sets), 2 adds delayed and unenhanced "
-                        "phases, fatty livers and lesion-free patients")
+                        "phases, fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites")
     p.add_argument("--no-real", action="store_true", help="skip the real CT")
     p.add_argument("--max-fp", type=float, default=0.2,
                    help="validation: false-positive findings of 10 mm or more per case the chosen threshold allows")
     p.add_argument("--rule", choices=["free", "fp"], default="free",
                    help="validation: propose the highest threshold costing no sensitivity >= 10 mm ('free', "
                         "default) or the lowest meeting --max-fp ('fp')")
+    p.add_argument("--max-edge-contact", type=float, default=None,
+                   help="replace the package's rim rule limit ([reporting] max_edge_contact; 1: no rim rule); "
+                        "--split validation measures without it and proposes one")
     p.add_argument("--json", type=Path, default=None, help="write the per-finding figures and FROC curves here")
     p.add_argument("--froc-png", type=Path, default=None, help="draw the FROC curves into this PNG")
     a = p.parse_args(argv)
@@ -290,12 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     if len({name for name, _ in models}) < len(models):  # the same package name and version twice: say where
         models = [(str(f), m) for f, (_, m) in zip(folders, models, strict=True)]
     seed0 = VALIDATION_SEED0 if a.split == "validation" else HELDOUT_SEED0
-    phantom_cases = eval_phantoms(models, a.phantoms, a.slices, seed0, a.variety) if a.phantoms else {}
+    edge = 1.0 if a.split == "validation" and a.max_edge_contact is None else a.max_edge_contact
+    phantom_cases = eval_phantoms(models, a.phantoms, a.slices, seed0, a.variety, edge) if a.phantoms else {}
     real_cases: dict[str, list[le.Case]] = {}
     if a.no_real:
         pass
     elif (a.real / "liver_reference.npz").exists() and a.split == "heldout":
-        real_cases = eval_real(models, a.real)
+        real_cases = eval_real(models, a.real, edge)
     elif a.split == "heldout":
         print(f"real CT not found at {a.real}; skipped", file=sys.stderr)
     out: dict = {"split": a.split, "seed0": seed0, "variety": a.variety, "phantoms": a.phantoms, "slices": a.slices,
@@ -304,9 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     marks: dict[str, float] = {}
     for name, (man, _, _) in models:
         threshold = _min_conf(man)
-        entry: dict = {"min_lesion_diameter_mm": _min_mm(man), "min_confidence": threshold}
+        rep = _reporting(man, edge)
+        entry: dict = {"min_lesion_diameter_mm": _min_mm(man), "min_confidence": threshold,
+                       "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
         if phantom_cases.get(name):
             if a.split == "validation":
+                limit = le.free_rim_limit(phantom_cases[name], rep.rim_max_width_mm)
+                before = le.tally(phantom_cases[name], 0.0)
+                phantom_cases[name] = le.without_rims(phantom_cases[name], limit, rep.rim_max_width_mm)
+                after = le.tally(phantom_cases[name], 0.0)
+                print(f"{name}: validation: rim rule max_edge_contact {limit:.2f} (narrower than "
+                      f"{rep.rim_max_width_mm:g} mm; the lowest dropping no true finding) removes "
+                      f"{before.reported - after.reported} of {before.reported} findings; false findings >= 10 mm "
+                      f"{before.fp_per_case(le.BAND_NAMES[1:]):.2f} -> {after.fp_per_case(le.BAND_NAMES[1:]):.2f} "
+                      f"per case")
+                entry["chosen_max_edge_contact"] = limit
                 chosen = le.choose_threshold(le.froc(phantom_cases[name]), a.max_fp)
                 print(f"{name}: validation: confidence threshold {chosen.threshold:.2f} keeps false findings of "
                       f">= 10 mm at {chosen.fp_per_case(le.BAND_NAMES[1:]):.2f} per case (want <= {a.max_fp:g}), "
@@ -325,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["real_cases"] = [{"name": c.name, "findings": [
                 {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
                  "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
-                 "surrounding_hu": f.lesion.surrounding_hu} for f in c.findings]} for c in real_cases[name]]
+                 "surrounding_hu": f.lesion.surrounding_hu, "edge_contact": f.lesion.edge_contact, "width_mm": f.lesion.width_mm}
+                for f in c.findings]} for c in real_cases[name]]
             at = {c.name: le.tally([c], threshold) for c in real_cases[name]}
             entry["real"] = {c.name: {"findings_at_threshold": at[c.name].reported,
                                       "ge10_at_threshold": sum(at[c.name].false_positive[b] for b in le.BAND_NAMES[1:]),

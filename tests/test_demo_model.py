@@ -93,6 +93,52 @@ def test_held_out_phantoms(tmp_path: Path) -> None:
         assert summary["organs"][0]["volume_ml"] == pytest.approx(float((pred >= 1).sum()) * voxel_ml, rel=1e-3)
 
 
+#: Per-lesion floors on the CI phantoms (a few points worse than the shipped model measures there, so a model
+#: that finds fewer lesions or reports more false ones fails): see MODEL_CARD.md for the 60-case figures.
+CI_PHANTOMS = tuple(range(2_000_101, 2_000_109))
+CI_MIN_SENSITIVITY_GE10 = 0.5
+CI_MAX_FALSE_GE10_PER_CASE = 0.5
+
+
+@pytest.mark.slow
+def test_held_out_phantoms_per_lesion(tmp_path: Path) -> None:
+    """Findings as a reader counts them, through `appliance infer`: the reference lesions of 10 mm or more the
+    reported findings overlap, and the reported findings of 10 mm or more that overlap none, on 8 phantoms of
+    every phase (variety 2: delayed and unenhanced phases, fatty livers, lesion-free patients)."""
+    from appliance.models.manifest import Reporting
+    from appliance_dev import lesion_eval as le
+    from appliance_dev.synthetic import sample_case
+    from tests.test_infer_pipeline import LABELS
+
+    cases = []
+    for seed in CI_PHANTOMS:
+        hu, truth, meta = sample_case(seed, n_slices=24, fov_kind="full" if seed % 2 else "targeted", variety=2)
+        zs = meta["z_positions"]
+        dz = abs(zs[1] - zs[0])
+        folder = tmp_path / f"case{seed}"
+        ps = (float(meta["pixel_spacing"][0]), float(meta["pixel_spacing"][1]))
+        write_ct_volume(folder, np.clip(np.rint(hu), -1024, 3071), spacing=ps, thickness=dz)
+        summary = infer(folder, tmp_path / f"out{seed}")
+        pred = np.load(tmp_path / f"out{seed}" / "labelmap.npz")["labels"]
+        # The label map holds the reported findings only; measured again without thresholds, they are the same.
+        case = le.case_findings(f"phantom {seed}", pred, np.where(pred == 2, 255, 0).astype(np.uint8), hu,
+                                truth == 2, LABELS, ps, dz, Reporting())
+        assert len(case.findings) == summary["lesions"]["count"], f"phantom {seed}"
+        cases.append(case)
+    t = le.tally(cases, 0.0)
+    sens, fp = t.sensitivity(le.BAND_NAMES[1:]), t.fp_per_case(le.BAND_NAMES[1:])
+    print(f"CI phantoms: sensitivity >= 10 mm {sens}, false findings >= 10 mm {fp:.2f} per case; {t.to_dict()}")
+    assert sum(t.reference[b] for b in le.BAND_NAMES[1:]) >= 5, "too few lesions of 10 mm or more to judge"
+    assert sens is not None and sens >= CI_MIN_SENSITIVITY_GE10, t.to_dict()
+    assert fp <= CI_MAX_FALSE_GE10_PER_CASE, t.to_dict()
+
+
+#: The shared real CT (no focal lesion) as acquired: findings of 10 mm or more, and of any size, that the
+#: shipped model reports there at most (the goal is none: MODEL_CARD.md); a model reporting more fails.
+REAL_CT_MAX_FINDINGS_GE10 = 2
+REAL_CT_MAX_FINDINGS = 2
+
+
 @pytest.mark.slow
 def test_real_abdominal_ct_liver(tmp_path: Path) -> None:
     """The honest figure: a real portal-venous CT (never trained on) against its liver reference."""
@@ -105,6 +151,9 @@ def test_real_abdominal_ct_liver(tmp_path: Path) -> None:
     d = dice(lm["labels"] >= 1, ref["liver"].astype(bool))
     print(f"real CT liver Dice {d:.3f}")
     assert d >= REAL_CT_LIVER_DICE_FLOOR, f"liver Dice on the real CT fell to {d:.3f}"
+    items = json.loads((tmp_path / "out" / "summary.json").read_text())["lesions"]["items"]
+    big = [i for i in items if i["longest_axial_diameter_mm"] >= 10.0]
+    assert len(big) <= REAL_CT_MAX_FINDINGS_GE10 and len(items) <= REAL_CT_MAX_FINDINGS, items
 
 
 #: Set a little below what the shipped model measures (see MODEL_CARD.md), so a worse model fails here.

@@ -3,7 +3,8 @@
 On constructed label maps (1 = liver, 2 = liver lesion): a speck at the hilum below the threshold is not
 reported, counted or measured and goes back to the liver in the label map (unless the package keeps it);
 a lesion split across slices is one finding; a lesion outside the liver is gone after the package's
-clean-up; a thin crescent along the liver edge has the short axis of a crescent. The slab path and the
+clean-up; a thin crescent along the liver edge has the short axis of a crescent and faces out of the liver
+(its edge contact), so the package's rim rule drops it, while a tumour bulging out of the liver stays. The slab path and the
 whole-volume reference agree on all of it, label maps included.
 """
 
@@ -118,7 +119,12 @@ def test_the_summary_keeps_its_shape_and_reads_older_ones() -> None:
     d = m.to_dict()
     assert d["lesions"]["count"] == 1 and d["lesions"]["unreported_count"] == 1
     assert {"volume_ml", "longest_axial_diameter_mm", "short_axis_mm"} <= set(d["lesions"]["items"][0])
-    assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.0}
+    assert d["lesions"]["reporting"] == {
+        "min_lesion_diameter_mm": 5.0,
+        "min_confidence": 0.0,
+        "max_edge_contact": 1.0,
+        "rim_max_width_mm": 6.0,
+    }
     assert Measurements.from_dict(d) == m
     old = dict(d, lesions={k: v for k, v in d["lesions"].items() if k not in ("unreported_count", "reporting")})
     old["lesions"]["items"] = [{k: v for k, v in it.items() if k != "short_axis_mm"} for it in d["lesions"]["items"]]
@@ -164,13 +170,22 @@ def test_each_finding_has_its_confidence_attenuation_and_octant() -> None:
     labels = _two_lesions()
     hu = _hu(labels)
     m = measure(
-        LabelMap.from_array(labels), LABELS, SPACING, SLICE_MM, UIDS, slab_slices=5,
-        confidence=_confidence(labels, 128, 242), read_hu=lambda a, b: hu[a:b], orientation=AXIAL,
+        LabelMap.from_array(labels),
+        LABELS,
+        SPACING,
+        SLICE_MM,
+        UIDS,
+        slab_slices=5,
+        confidence=_confidence(labels, 128, 242),
+        read_hu=lambda a, b: hu[a:b],
+        orientation=AXIAL,
     )
     assert m.lesion_count == 2
     by_slice = sorted(m.lesions, key=lambda les: les.slice_index)
     low, high = by_slice
-    assert low.confidence == pytest.approx(128 / 255, abs=1e-3) and high.confidence == pytest.approx(242 / 255, abs=1e-3)
+    assert low.confidence == pytest.approx(128 / 255, abs=1e-3) and high.confidence == pytest.approx(
+        242 / 255, abs=1e-3
+    )
     assert low.mean_hu == 20.0 and low.surrounding_hu == 60.0 and low.attenuation == "hypo"
     assert high.mean_hu == 130.0 and high.surrounding_hu == 60.0 and high.attenuation == "hyper"
     assert low.octant == "inferior anterior right" and high.octant == "superior posterior left"
@@ -194,26 +209,47 @@ def test_a_finding_below_the_confidence_threshold_is_not_reported_and_goes_back_
     labels = _two_lesions()
     lm = LabelMap.from_array(labels)
     reporting = Reporting(min_lesion_diameter_mm=5, min_confidence=0.6)
-    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=7, confidence=_confidence(labels, 120, 230),
-                reporting=reporting)
+    m = measure(
+        lm,
+        LABELS,
+        SPACING,
+        SLICE_MM,
+        UIDS,
+        slab_slices=7,
+        confidence=_confidence(labels, 120, 230),
+        reporting=reporting,
+    )
     assert m.lesion_count == 1 and m.unreported_lesions == 1 and m.min_confidence == 0.6
     assert m.lesions[0].slice_index >= 16  # the confident one stays
     out = lm.to_array()
     assert not (out[:12] == 2).any() and (out[12:] == 2).any()
-    assert m.to_dict()["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.6}
+    assert m.to_dict()["lesions"]["reporting"] == {
+        "min_lesion_diameter_mm": 5.0,
+        "min_confidence": 0.6,
+        "max_edge_contact": 1.0,
+        "rim_max_width_mm": 6.0,
+    }
 
 
 def test_confidence_is_the_models_probability_of_the_label_each_pixel_got() -> None:
     from appliance.infer.preprocess import class_confidence, model_grid, scores_to_labels
     from appliance.models.manifest import InputSpec
 
-    spec = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64), max_size=(256, 256),
-                     window=(-250.0, 350.0))
+    spec = InputSpec(
+        channels=3,
+        spacing_mm=(2.0, 2.0),
+        size_multiple=16,
+        min_size=(64, 64),
+        max_size=(256, 256),
+        window=(-250.0, 350.0),
+    )
     grid = model_grid(128, 128, (1.0, 1.0), spec)  # the model grid is half the source in each axis
     h, w = grid.shape
     scores = np.zeros((2, 3, *grid.padded), np.float32)
     scores[:, 1] = 2.0  # liver everywhere ...
-    scores[:, 2, 20:40, 20:40] = 2.0 + np.log(3.0)  # ... but a lesion block: p(lesion) = 3 / (e^-(2 + ln 3) + 1/3... ) there
+    scores[:, 2, 20:40, 20:40] = 2.0 + np.log(
+        3.0
+    )  # ... but a lesion block: p(lesion) = 3 / (e^-(2 + ln 3) + 1/3... ) there
     labels = scores_to_labels(scores, grid)
     conf = class_confidence(scores, grid, labels, [2])
     assert conf.shape == labels.shape and conf.dtype == np.uint8
@@ -224,3 +260,46 @@ def test_confidence_is_the_models_probability_of_the_label_each_pixel_got() -> N
     want = round(255 * e[2] / e.sum())
     assert abs(int(np.median(conf[inside])) - want) <= 1
     assert h == w == 64
+
+
+def _edge_case() -> np.ndarray:
+    """A round lesion deep in the liver, one against its edge (clipped by it) and a rim along the edge."""
+    labels = _liver()
+    _disc(labels, slice(10, 14), 48, 48, 8.0)
+    sub = np.zeros_like(labels)
+    _disc(sub, slice(10, 14), 48, 14, 7.0)  # its centre 6 pixels inside the liver's edge (x = 8)
+    labels[(sub == 2) & (labels == 1)] = 2
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    rim = (r >= 37.5) & (yy < 40)  # the liver's outer two pixels along the upper edge
+    labels[11][rim & (labels[11] == 1)] = 2
+    return labels
+
+
+def test_edge_contact_tells_a_rim_along_the_liver_edge_from_a_lesion_inside_or_against_it() -> None:
+    m = measure(_edge_case(), LABELS, SPACING, SLICE_MM, UIDS)
+    inside = next(les for les in m.lesions if abs(les.centroid_voxel[2] - 48) < 2 and les.centroid_voxel[1] > 44)
+    against = next(les for les in m.lesions if les.centroid_voxel[2] < 20)
+    rim = next(les for les in m.lesions if les.slice_index == 11 and les.centroid_voxel[1] < 30)
+    assert len(m.lesions) == 3
+    assert inside.edge_contact == 0.0
+    assert 0.1 <= (against.edge_contact or 0) <= 0.35  # a subcapsular lesion: a side of it faces out
+    assert (rim.edge_contact or 0) >= 0.4
+
+
+@pytest.mark.parametrize("slab", [1, 4, 24])
+def test_a_rim_over_the_edge_contact_limit_is_not_reported_and_goes_back_to_the_liver(slab: int) -> None:
+    labels = _edge_case()
+    _disc(labels, slice(16, 19), 48, 12, 12.0)  # a 19 mm tumour bulging out of the liver: faces out, not thin
+    reporting = Reporting(min_lesion_diameter_mm=5, max_edge_contact=0.4)
+    dense = labels.copy()
+    ref = measure_dense(dense, LABELS, SPACING, SLICE_MM, UIDS, reporting=reporting)
+    lm = LabelMap.from_array(labels)
+    got = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=slab, reporting=reporting)
+    assert got == ref and np.array_equal(lm.to_array(), dense)
+    assert got.lesion_count == 3 and got.unreported_lesions == 1 and got.max_edge_contact == 0.4
+    bulge = next(les for les in got.lesions if les.slice_index >= 16)
+    assert (bulge.edge_contact or 0) > 0.4 and (bulge.width_mm or 0) >= 6.0  # reported all the same
+    out = lm.to_array()
+    assert not (out[11, :30] == 2).any()  # the rim is liver again
+    assert Measurements.from_dict(got.to_dict()) == got

@@ -99,3 +99,27 @@ def test_the_free_threshold_removes_false_findings_that_cost_no_true_one() -> No
     free = le.free_threshold(le.froc([case]))
     # the strip (0.39) goes, the true lesion (0.90) stays: the highest threshold still finding it
     assert free.threshold == pytest.approx(0.9) and free.found[">=20"] == 1 and free.false_positive[">=20"] == 0
+
+
+def test_the_rim_rule_drops_a_rim_along_the_liver_edge_and_its_limit_spares_every_true_finding() -> None:
+    from scipy import ndimage
+
+    truth, _, _, _ = _case()
+    pred = _liver()
+    _disc(pred, slice(6, 12), 41, 40, 13.0, 2)
+    yy = np.mgrid[:100, :100][0]
+    rim = (pred[9] == 1) & ~ndimage.binary_erosion(pred[9] > 0, iterations=2) & (yy < 30)
+    pred[9][rim] = 2  # the liver's outer two pixels along its upper edge
+    conf = np.where(pred == 2, 230, 0).astype(np.uint8)
+    hu = np.where(pred > 0, 60.0, -100.0).astype(np.float32)
+    case = le.case_findings("c", pred, conf, hu, truth == 2, LABELS, SPACING, 2.0, 5.0)
+    edge = {bool(f.hits): f.lesion for f in case.findings}
+    assert edge[True].edge_contact == 0.0 and (edge[False].edge_contact or 0) > 0.4
+    assert (edge[False].width_mm or 99) < 2.0 < (edge[True].width_mm or 0)
+    limit = le.free_rim_limit([case], 6.0)
+    assert limit == 0.05  # the lowest multiple of 0.05 above the true finding's edge contact (0)
+    (kept,) = le.without_rims([case], limit, 6.0)
+    assert [bool(f.hits) for f in kept.findings] == [True]
+    assert le.tally([kept], 0.0).found == le.tally([case], 0.0).found
+    (wide,) = le.without_rims([case], limit, 1.0)  # a rim rule for rims under 1 mm wide: nothing is one
+    assert len(wide.findings) == 2

@@ -1,4 +1,4 @@
-"""The phantom generator's second variety (issue 21): delayed and unenhanced phases, fatty livers and
+"""The phantom generator's second and third varieties (issue 21): delayed and unenhanced phases, fatty livers,
 lesion-free patients, drawn without changing what variety 1 draws (the card's held-out sets stay the same
 patients and scans)."""
 
@@ -53,3 +53,41 @@ def test_a_lesion_free_patient_has_no_lesion_label() -> None:
     spec = dataclasses.replace(spec, rows=128, cols=128, z_center=-60.0)
     _, lab, meta = make_phantom(spec)
     assert meta["n_lesions"] == 0 and not (lab == 2).any() and (lab == 1).any()
+
+
+def test_variety_three_adds_cirrhosis_and_ascites_without_changing_what_two_draws() -> None:
+    specs = []
+    for seed in range(300):
+        two, three = sample_spec(seed, n_slices=8, variety=2), sample_spec(seed, n_slices=8, variety=3)
+        assert dataclasses.replace(three, cirrhosis=0.0, ascites_mm=0.0, variety=2) == two
+        assert two.cirrhosis == 0.0 and two.ascites_mm == 0.0
+        specs.append(three)
+    assert 0.2 < np.mean([s.cirrhosis > 0 for s in specs]) < 0.4
+    assert all(0.4 <= s.cirrhosis <= 1.0 for s in specs if s.cirrhosis)
+    assert all(s.cirrhosis > 0 for s in specs if s.ascites_mm)  # ascites comes with cirrhosis here
+    assert 0.3 < np.mean([s.ascites_mm > 0 for s in specs if s.cirrhosis]) < 0.7
+
+
+def test_a_cirrhotic_liver_is_nodular_and_ascites_is_fluid_around_it_labelled_background() -> None:
+    from scipy import ndimage
+
+    base = dataclasses.replace(sample_spec(21, n_slices=3, fov_kind="full", variety=3), phase="portal",
+                               z_center=-70.0, rows=512, cols=512, cirrhosis=0.0, ascites_mm=0.0, noise_hu=1.0)
+    hu0, lab0, _ = make_phantom(base)
+    hu1, lab1, meta = make_phantom(dataclasses.replace(base, cirrhosis=0.9))
+    assert meta["cirrhosis"] == 0.9
+    def roughness(lab: np.ndarray) -> float:
+        """Pixels a 3-pixel opening and closing change, per boundary pixel: bumps and notches the outline has."""
+        m = lab[1] >= 1
+        disc = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3
+        smooth = ndimage.binary_closing(ndimage.binary_opening(m, disc), disc)
+        return float((m ^ smooth).sum()) / float((m & ~ndimage.binary_erosion(m)).sum())
+
+    assert roughness(lab1) > 1.5 * roughness(lab0)  # a nodular outline, against the same patient's smooth one
+    hu2, lab2, _ = make_phantom(dataclasses.replace(base, cirrhosis=0.9, ascites_mm=15.0))
+    liver = lab2[1] >= 1
+    ring = ndimage.binary_dilation(liver, iterations=4) & ~liver & (lab2[1] == 0)
+    fluid = (hu2[1][ring] > -30) & (hu2[1][ring] < 40)
+    assert fluid.mean() > 0.5, "a fluid band around the liver"
+    assert not (lab2[1][ring] >= 1).any()  # the fluid is background
+    assert float(np.median(hu2[1][ring])) < float(np.median(hu2[1][liver])) - 50

@@ -74,7 +74,7 @@ def summarise(volume: Volume, labels: np.ndarray, package: ModelPackage) -> Summ
         series=SeriesInfo(volume.study_uid, volume.series_uid, int(labels.shape[0]), int(labels.shape[1]),
                           int(labels.shape[2]), (volume.pixel_spacing[0], volume.pixel_spacing[1]), volume.slice_spacing),
         measurements=measure(labels, package.labels, volume.pixel_spacing, volume.slice_spacing,
-                             volume.sop_instance_uids),
+                             volume.sop_instance_uids, read_hu=lambda a, b: HU[a:b]),
     )
 
 
@@ -83,10 +83,14 @@ def package() -> ModelPackage:
     return load_package(bundled_models_dir() / "liver-ct-demo")
 
 
+#: The phantom's HU, as the pipeline reads them for each lesion's mean.
+HU = blob_phantom(N, SIZE)
+
+
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
     d = tmp_path_factory.mktemp("ct")
-    write_ct_volume(d, blob_phantom(N, SIZE), spacing=(0.8, 0.8), thickness=2.5)
+    write_ct_volume(d, HU, spacing=(0.8, 0.8), thickness=2.5)
     return load_volume(sorted(d.glob("*.dcm")))
 
 
@@ -267,6 +271,7 @@ def measurement_groups(sr: Dataset) -> dict[str, dict[str, Any]]:
 
 VOLUME, LONG_AXIS, QUANTITY = ("SCT", "118565006"), ("SCT", "103339001"), ("SCT", "246205007")
 SHORT_AXIS = ("SCT", "103340004")
+MEAN_HU = ("DCM", "112031")  # Attenuation Coefficient (derivation: mean)
 
 
 def test_sr_values_equal_the_summary(built: Built, package: ModelPackage) -> None:
@@ -299,6 +304,7 @@ def test_sr_values_equal_the_summary(built: Built, package: ModelPackage) -> Non
         # the short axis, perpendicular on the same slice (RECIST); both name the slice they were measured on
         assert g["nums"][SHORT_AXIS] == (d["short_axis_mm"], "mm") and 0 < d["short_axis_mm"] <= d["longest_axial_diameter_mm"]
         assert g["images"] == [d["slice_sop_instance_uid"]] * 2
+        assert d["mean_hu"] is not None and g["nums"][MEAN_HU] == (d["mean_hu"], "[hnsf'U]")
     assert sorted(k for k in groups if k.startswith("Lesion ")) == sorted(f"Lesion {d['index']}" for d in lesions)
     if built.case == "lesions":
         assert groups["Liver including lesions"]["nums"][VOLUME] == (summary["organs"][0]["volume_ml"], "ml")

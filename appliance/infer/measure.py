@@ -77,6 +77,13 @@ class Lesion:
     surrounding_hu: float | None = None
     #: Where it lies in the organ: its centroid against the organ's, e.g. "superior anterior right".
     octant: str | None = None
+    #: The fraction (0..1) of its in-plane border that faces tissue outside the organ (and outside any lesion):
+    #: about 0 for a lesion inside the liver, up to 0.5 or more for a thin rim along the liver's edge, which is
+    #: what beam hardening and partial volume with the ribs, lung and bowel make the model mark.
+    edge_contact: float | None = None
+    #: Its mean in-plane width, twice its area over its perimeter (the perimeter counted in pixel edges and
+    #: scaled by pi/4, their mean excess over a smooth outline): a band's width, a round lesion's radius.
+    width_mm: float | None = None
 
     @property
     def attenuation(self) -> str | None:
@@ -102,6 +109,9 @@ class Measurements:
     min_lesion_diameter_mm: float = 0.0
     #: The package's confidence threshold (``[reporting] min_confidence``) these were measured with.
     min_confidence: float = 0.0
+    #: The package's rim rule (``[reporting] max_edge_contact``, 1.0: none; ``rim_max_width_mm``).
+    max_edge_contact: float = 1.0
+    rim_max_width_mm: float = 6.0
 
     @property
     def lesion_count(self) -> int:
@@ -149,6 +159,8 @@ class Measurements:
                         "surrounding_hu": les.surrounding_hu,
                         "attenuation": les.attenuation,
                         "octant": les.octant,
+                        "edge_contact": les.edge_contact,
+                        "width_mm": les.width_mm,
                     }
                     for les in self.lesions
                 ],
@@ -156,6 +168,8 @@ class Measurements:
                 "reporting": {
                     "min_lesion_diameter_mm": self.min_lesion_diameter_mm,
                     "min_confidence": self.min_confidence,
+                    "max_edge_contact": self.max_edge_contact,
+                    "rim_max_width_mm": self.rim_max_width_mm,
                 },
             },
         }
@@ -190,12 +204,16 @@ class Measurements:
                         mean_hu=_opt_float(x.get("mean_hu")),
                         surrounding_hu=_opt_float(x.get("surrounding_hu")),
                         octant=None if x.get("octant") is None else str(x["octant"]),
+                        edge_contact=_opt_float(x.get("edge_contact")),
+                        width_mm=_opt_float(x.get("width_mm")),
                     )
                     for x in d["lesions"]["items"]
                 ),
                 unreported_lesions=int(d["lesions"].get("unreported_count", 0)),
                 min_lesion_diameter_mm=float(d["lesions"].get("reporting", {}).get("min_lesion_diameter_mm", 0.0)),
                 min_confidence=float(d["lesions"].get("reporting", {}).get("min_confidence", 0.0)),
+                max_edge_contact=float(d["lesions"].get("reporting", {}).get("max_edge_contact", 1.0)),
+                rim_max_width_mm=float(d["lesions"].get("reporting", {}).get("rim_max_width_mm", 6.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SummaryFormatError(
@@ -257,6 +275,19 @@ def _reported(longest_mm: float, reporting: Reporting) -> bool:
     return round(longest_mm, 1) >= reporting.min_lesion_diameter_mm
 
 
+def _filtered(les: Lesion, reporting: Reporting) -> bool:
+    """Whether a lesion the diameter threshold keeps is dropped by the confidence limit or as a rim along the
+    organ's edge (compared as reported, rounded; a feature not measured drops nothing)."""
+    if les.confidence is not None and les.confidence < reporting.min_confidence:
+        return True
+    return (
+        les.edge_contact is not None
+        and les.edge_contact > reporting.max_edge_contact
+        and les.width_mm is not None
+        and les.width_mm < reporting.rim_max_width_mm
+    )
+
+
 def _organ_of(lesion: Label, label_defs: list[Label]) -> int:
     """The label value of the organ a lesion label lies in (its ``region``), 0 when the package has none."""
     if lesion.region is not None:
@@ -298,6 +329,7 @@ def measure_dense(
                     if d > best:
                         best, best_short, best_z = d, short, sl[0].start + dz
             zc, rc, cc = ndimage.center_of_mass(sub)
+            edges = _edges_dense(comp, i, labels, sl, pixel_spacing)
             lesions.append(
                 Lesion(
                     index=0,
@@ -312,9 +344,11 @@ def measure_dense(
                         float(round(cc + sl[2].start, 1)),
                     ),
                     short_axis_mm=round(best_short, 1),
+                    edge_contact=edges[0],
+                    width_mm=edges[1],
                 )
             )
-            if not _reported(best, reporting):
+            if not _reported(best, reporting) or _filtered(lesions[-1], reporting):
                 lesions.pop()
                 unreported += 1
                 if not reporting.keep_unreported_in_labelmap:
@@ -324,6 +358,35 @@ def measure_dense(
                     counts[lab.value] -= n
                     counts[organ] += n
     return _report(counts, lesions, label_defs, voxel_ml, unreported, reporting)
+
+
+def _width_mm(pixels: int, faces_rows: int, faces_cols: int, spacing: tuple[float, float]) -> float:
+    """See :attr:`Lesion.width_mm`; a face to the row above or below is a pixel wide (column spacing), one
+    to the left or right a pixel high (row spacing)."""
+    perimeter = (faces_rows * spacing[1] + faces_cols * spacing[0]) * math.pi / 4.0
+    return round(2.0 * pixels * spacing[0] * spacing[1] / max(perimeter, 1e-9), 1)
+
+
+def _edges_dense(
+    comp: np.ndarray, i: int, labels: np.ndarray, sl: tuple[slice, ...], spacing: tuple[float, float]
+) -> tuple[float, float]:
+    """Component ``i``'s edge contact and width (see :class:`Lesion`), from the whole volume's arrays."""
+    rows, cols = labels.shape[1:]
+    e = (
+        sl[0],
+        slice(max(0, sl[1].start - 1), min(rows, sl[1].stop + 1)),
+        slice(max(0, sl[2].start - 1), min(cols, sl[2].stop + 1)),
+    )
+    mask = comp[e] == i
+    own = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    lab = np.pad(labels[e], ((0, 0), (1, 1), (1, 1)))
+    border, outside = [0, 0], 0
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        near = (slice(None), slice(1 + dr, own.shape[1] - 1 + dr), slice(1 + dc, own.shape[2] - 1 + dc))
+        other = mask & ~own[near]
+        border[0 if dr else 1] += int(other.sum())
+        outside += int((other & (lab[near] == 0)).sum())
+    return round(outside / max(sum(border), 1), 3), _width_mm(int(mask.sum()), border[0], border[1], spacing)
 
 
 def measure(
@@ -416,13 +479,12 @@ def measure(
                         pixel_spacing,
                         slice_spacing,
                     ),
+                    edge_contact=feats.edge_contact(i),
+                    width_mm=feats.width_mm(i),
                 )
             )
         dropped = [
-            i
-            for i in range(m)
-            if not _reported(float(best[i]), reporting)
-            or (conf is not None and round(float(conf[i]), 3) < reporting.min_confidence)
+            i for i in range(m) if not _reported(float(best[i]), reporting) or _filtered(lesions[i - m], reporting)
         ]
         if dropped:
             keep = np.ones(m + 1, dtype=bool)
@@ -459,6 +521,10 @@ class _Features:
         self.hu = np.zeros(m, dtype=np.float64)
         self.shell = np.zeros(m, dtype=np.float64)
         self.shell_n = np.zeros(m, dtype=np.int64)
+        self.spacing = spacing
+        self.border = np.zeros((m, 2), dtype=np.int64)  # faces to the row above/below, to the column left/right
+        self.outside = np.zeros(m, dtype=np.int64)
+        self.pixels = np.zeros(m, dtype=np.int64)
 
     def add(self, slab: Any, comp: np.ndarray, z: np.ndarray, r: np.ndarray, c: np.ndarray, ids: np.ndarray) -> None:
         m = self.conf.size
@@ -466,23 +532,47 @@ class _Features:
         if self.conf_map is not None:
             window = self.conf_map.slab(slab.start, slab.stop, slab.box)
             self.conf += np.bincount(ids, weights=window[z, r, c].astype(np.float64), minlength=m)
-        if self.read_hu is None:
-            return
         rows, cols = self.lm.shape[1:]
         mr, mc = self.margin
         e = (max(0, r0 - mr), min(rows, r1 + mr), max(0, c0 - mc), min(cols, c1 + mc))
+        labels = self.lm.slab(slab.start, slab.stop, e)
+        around = np.zeros(labels.shape, dtype=np.int32)
+        around[:, r0 - e[0] : r1 - e[0], c0 - e[2] : c1 - e[2]] = comp
+        self._edges(around, labels, z, r + r0 - e[0], c + c0 - e[2], ids)
+        if self.read_hu is None:
+            return
         hu = np.asarray(self.read_hu(slab.start, slab.stop))[:, e[0] : e[1], e[2] : e[3]].astype(np.float64)
         self.hu += np.bincount(ids, weights=hu[z, r + r0 - e[0], c + c0 - e[2]], minlength=m)
         if not self.organ:
             return
-        around = np.zeros(hu.shape, dtype=np.int32)
-        around[:, r0 - e[0] : r1 - e[0], c0 - e[2] : c1 - e[2]] = comp
         grown = ndimage.maximum_filter(around, size=(1, 2 * mr + 1, 2 * mc + 1))
-        labels = self.lm.slab(slab.start, slab.stop, e)
         shell = (grown > 0) & (around == 0) & (labels == self.organ)
         owner = grown[shell].astype(np.int64) - 1
         self.shell += np.bincount(owner, weights=hu[shell], minlength=m)
         self.shell_n += np.bincount(owner, minlength=m)
+
+    def _edges(
+        self, around: np.ndarray, labels: np.ndarray, z: np.ndarray, r: np.ndarray, c: np.ndarray, ids: np.ndarray
+    ) -> None:
+        """Count each lesion voxel's in-plane 4-neighbours that are not of its lesion (its border) and those of
+        them that are background, label 0 (outside the organ): beyond the image counts as background."""
+        m = self.outside.size
+        self.pixels += np.bincount(ids, minlength=m)
+        own = np.pad(around, ((0, 0), (1, 1), (1, 1)))
+        lab = np.pad(labels, ((0, 0), (1, 1), (1, 1)))
+        rr, cc = r + 1, c + 1
+        me = own[z, rr, cc]
+        for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            other = own[z, rr + dr, cc + dc] != me
+            out = other & (lab[z, rr + dr, cc + dc] == 0)
+            self.border[:, 0 if dr else 1] += np.bincount(ids[other], minlength=m)
+            self.outside += np.bincount(ids[out], minlength=m)
+
+    def edge_contact(self, i: int) -> float:
+        return round(float(self.outside[i]) / max(int(self.border[i].sum()), 1), 3)
+
+    def width_mm(self, i: int) -> float:
+        return _width_mm(int(self.pixels[i]), int(self.border[i, 0]), int(self.border[i, 1]), self.spacing)
 
     def confidence(self, sizes: np.ndarray) -> np.ndarray | None:
         if self.conf_map is None:
@@ -572,4 +662,6 @@ def _report(
         unreported_lesions=unreported,
         min_lesion_diameter_mm=(reporting or Reporting()).min_lesion_diameter_mm,
         min_confidence=(reporting or Reporting()).min_confidence,
+        max_edge_contact=(reporting or Reporting()).max_edge_contact,
+        rim_max_width_mm=(reporting or Reporting()).rim_max_width_mm,
     )

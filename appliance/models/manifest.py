@@ -87,10 +87,15 @@ class Reporting(_Strict):
     the key image): a lesion whose longest axial diameter is below ``min_lesion_diameter_mm`` is not
     reported, counted or measured. Its voxels go back to the organ it lies in, unless
     ``keep_unreported_in_labelmap`` (then they stay lesion-labelled in ``labelmap.npz`` and the SEG).
-    Likewise a lesion whose mean lesion probability (its confidence, 0..1) is below ``min_confidence``."""
+    Likewise a lesion whose mean lesion probability (its confidence, 0..1) is below ``min_confidence``, and
+    a rim: more than ``max_edge_contact`` of its in-plane border facing tissue outside the organ (1.0 keeps
+    every lesion) and a mean width under ``rim_max_width_mm`` (a rim along the liver's edge is thin; a round
+    tumour of about 14 mm or more bulging out of the liver is not, and stays reported)."""
 
     min_lesion_diameter_mm: Annotated[float, Field(ge=0, le=200)] = 0.0
     min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_edge_contact: Annotated[float, Field(ge=0, le=1)] = 1.0
+    rim_max_width_mm: Annotated[float, Field(ge=0, le=200)] = 6.0
     keep_unreported_in_labelmap: bool = False
 
 

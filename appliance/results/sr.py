@@ -27,6 +27,7 @@ from appliance.results.seg import coded, conformant, source_headers
 UNIT_ML = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 UNIT_MM = hd.sr.CodedConcept(value="mm", scheme_designator="UCUM", meaning="millimeter")
 UNIT_LESIONS = hd.sr.CodedConcept(value="{lesions}", scheme_designator="UCUM", meaning="lesions")
+UNIT_HU = hd.sr.CodedConcept(value="[hnsf'U]", scheme_designator="UCUM", meaning="Hounsfield unit")
 #: SNOMED CT 246205007 "Quantity": the number of lesions.
 QUANTITY = hd.sr.CodedConcept(value="246205007", scheme_designator="SCT", meaning="Quantity")
 
@@ -166,6 +167,12 @@ def make_sr(
             axes.append(
                 hd.sr.Measurement(
                     name=codes.SCT.ShortAxis, value=les.short_axis_mm, unit=UNIT_MM, referenced_images=on_slice
+                )
+            )
+        if les.mean_hu is not None:  # what a reader compares with the liver around it (hypo/hyper-attenuating)
+            axes.append(
+                hd.sr.Measurement(
+                    name=codes.DCM.AttenuationCoefficient, value=les.mean_hu, unit=UNIT_HU, derivation=codes.SCT.Mean
                 )
             )
         groups.append(

@@ -34,7 +34,7 @@ from scipy.ndimage import gaussian_filter
 #: Arterial: liver 60-85 HU, very bright aorta, hypodense hepatic veins, corticomedullary kidneys.
 #: Delayed (3-5 min): liver 80-110 HU, vessels only a little brighter, arterially enhancing tumours washed
 #: out (darker than the liver, with a brighter capsule). Unenhanced: liver 50-70 HU, vessels and blood
-#: *darker* than the liver, lesions of low contrast. The last two come with ``variety = 2`` only.
+#: *darker* than the liver, lesions of low contrast. The last two come with ``variety = 2`` and up.
 PHASES = ("portal", "arterial", "delayed", "unenhanced")
 
 Array = np.ndarray
@@ -131,8 +131,14 @@ class CaseSpec:
     fatty_hu: float = 0.0
     #: A patient drawn with no liver lesion at all.
     lesion_free: bool = False
-    #: Which generator drew the spec: 1 (portal/arterial, the original sets, unchanged) or 2 (adds delayed
-    #: and unenhanced phases, fatty livers and more lesion-free patients; issue 21).
+    #: Cirrhosis, 0 (none) to 1 (severe): a shrunken right lobe, an enlarged caudate and left lobe, a nodular
+    #: surface, regenerative-nodule texture in the parenchyma and a larger spleen (variety 3).
+    cirrhosis: float = 0.0
+    #: Ascites: a band of fluid up to this thick (mm) around the liver, inside the peritoneal cavity.
+    ascites_mm: float = 0.0
+    #: Which generator drew the spec: 1 (portal/arterial, the original sets, unchanged), 2 (adds delayed
+    #: and unenhanced phases, fatty livers and more lesion-free patients; issue 21) or 3 (2 and cirrhotic
+    #: livers, some with ascites).
     variety: int = 1
 
     @property
@@ -150,6 +156,8 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
     low-dose noise, different kernels; the slab lies anywhere from the lung bases to below the liver.
     ``variety = 2`` also draws delayed and unenhanced phases, fatty livers and lesion-free patients, from a
     random stream of their own: everything else about the spec is what variety 1 draws for the seed.
+    ``variety = 3`` draws what 2 draws and, from a third stream, cirrhosis (30% of patients) and ascites (half
+    of those).
     """
     rng = np.random.default_rng([int(seed), 7])
     kind = fov_kind or ("targeted" if rng.random() < 0.35 else "full")
@@ -169,6 +177,11 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
         extra = dict(fatty_hu=float(r2.uniform(15, 50)) if r2.random() < 0.25 else 0.0,
                      lesion_free=bool(r2.random() < 0.25), variety=int(variety))
         ph = phase or drawn
+    if variety >= 3:
+        r3 = np.random.default_rng([int(seed), 9])
+        cirrhosis = float(r3.uniform(0.4, 1.0)) if r3.random() < 0.3 else 0.0
+        extra["cirrhosis"] = cirrhosis
+        extra["ascites_mm"] = float(r3.uniform(3, 20)) if cirrhosis and r3.random() < 0.5 else 0.0
     return CaseSpec(
         seed=int(seed), fov_mm=fov, rows=512, cols=512, slice_thickness=thick, slice_spacing=spacing,
         n_slices=n, phase=ph, noise_hu=noise, fov_kind=kind, z_center=z_center, center_xy=None,
@@ -185,7 +198,8 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
 class _Patient:
     """One random patient: body, organs, vessels, bones and lesions as implicit surfaces."""
 
-    def __init__(self, seed: int, phase: str, fatty_hu: float = 0.0, lesion_free: bool = False):
+    def __init__(self, seed: int, phase: str, fatty_hu: float = 0.0, lesion_free: bool = False,
+                 cirrhosis: float = 0.0, ascites_mm: float = 0.0):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
         rng = np.random.default_rng([int(seed), 0])
@@ -212,6 +226,19 @@ class _Patient:
         self.ll_c = (self.Ai * u(0.0, 0.25) * ll, -self.Bi * u(0.4, 0.6), -self.H * u(0.18, 0.32))
         self.ll_a = (self.Ai * u(0.35, 0.55) * ll, self.Bi * u(0.28, 0.42), self.H * u(0.18, 0.3))
         self.ll_rot = u(-0.35, 0.15)
+        self.cd_a = (20.0, 22.0, 0.25 * self.H)
+        self.cirrhosis, self.ascites_mm = float(cirrhosis), float(ascites_mm)
+        self.liver_nodules: _Field | None = None
+        self.liver_texture: _Field | None = None
+        if cirrhosis > 0:
+            # A stream of its own, so that everything else about the patient is what the seed draws.
+            rc = np.random.default_rng([int(seed), 10])
+            c = float(cirrhosis)
+            self.rl_a = (self.rl_a[0] * (1 - 0.25 * c), self.rl_a[1] * (1 - 0.15 * c), self.rl_a[2] * (1 - 0.15 * c))
+            self.ll_a = (self.ll_a[0] * (1 + 0.15 * c), self.ll_a[1] * (1 + 0.1 * c), self.ll_a[2])
+            self.cd_a = (20.0 * (1 + 0.5 * c), 22.0 * (1 + 0.4 * c), 0.25 * self.H * (1 + 0.2 * c))
+            self.liver_nodules = _Field.random(rc, 14, (5, 12), 0.5 + 1.5 * c)  # mm: a nodular outline
+            self.liver_texture = _Field.random(rc, 14, (5, 12), 3.0 + 7.0 * c)  # HU: regenerative nodules
         # Diaphragm domes (z of the surface = top - r^2 / (2R)); the left dome is lower.
         self.dome_R = u(90, 160)
         self.dome_r = (-self.Ai * u(0.3, 0.5), self.Bi * u(-0.15, 0.15))
@@ -235,6 +262,8 @@ class _Patient:
             self.kid.append((c, a, side * u(0.3, 0.7), u(5, 8)))
         self.spleen_c = (self.Ai * u(0.55, 0.72), self.Bi * u(0.2, 0.45), -self.H * u(0.2, 0.4))
         self.spleen_a = (u(28, 45), u(45, 70), u(40, 65))
+        if cirrhosis > 0:  # portal hypertension: splenomegaly
+            self.spleen_a = tuple(a * (1 + 0.35 * float(cirrhosis)) for a in self.spleen_a)
         self.spleen_rot = u(-0.9, -0.3)
         self.stom_c = (self.Ai * u(0.25, 0.45), -self.Bi * u(0.05, 0.3), -self.H * u(0.15, 0.35))
         self.stom_a = (u(35, 60), u(30, 50), u(45, 75))
@@ -335,10 +364,15 @@ class _Patient:
         """Liver shape before other organs indent it: lobes, ribcage and diaphragm bound it."""
         rl = _ellipsoid(x, y, z, self.rl_c, self.rl_a)
         ll = _ellipsoid(x, y, z, self.ll_c, self.ll_a, self.ll_rot)
-        cd = _ellipsoid(x, y, z, (self.ivc[0] + 5, self.ivc[1] - 18, -0.3 * self.H), (20, 22, 0.25 * self.H))
+        cd = _ellipsoid(x, y, z, (self.ivc[0] + 5, self.ivc[1] - 18, -0.3 * self.H), self.cd_a)
         f = _smin(_smin(rl, ll, 15.0), cd, 8.0)
         f = f + self.liver_def(x, y, z) + self.liver_fine(x, y, z)
-        f = np.maximum(f, self.cavity(x, y) + 1.0)
+        if self.liver_nodules is not None:
+            # |field|: rounded bumps between sharp notches, a nodular edge; less its mean, so the volume stays.
+            amp = float(np.sqrt((self.liver_nodules.amp**2).sum() / 2.0))
+            f = f + np.abs(self.liver_nodules(x, y, z)) - np.float32(0.8 * amp)
+        # Ascites holds the liver off the body wall (the fluid is painted in the gap).
+        f = np.maximum(f, self.cavity(x, y) + 1.0 + np.float32(0.7 * self.ascites_mm))
         f = np.maximum(f, z - self.dome_z(x, y) + 3.0)
         return f
 
@@ -705,7 +739,16 @@ class _Patient:
             sl = lbox
             xx, yy, zz = coords(sl)
             ld = self.liver_keepout(lb_arr, xx, yy, zz)
-            paint(sl, ld, hu_t["liver"])
+            if self.ascites_mm > 0:
+                # Fluid around the liver in the peritoneal cavity, below the diaphragm: background, not liver.
+                band = np.maximum(ld - np.float32(self.ascites_mm), -ld)
+                band = np.maximum(band, self.cavity(xx, yy) + 1.0)
+                band = np.maximum(band, zz - self.dome_z(xx, yy) + 3.0)
+                paint(sl, band, hu_t["fluid"])
+            liver_hu = hu_t["liver"]
+            if self.liver_texture is not None:
+                liver_hu = liver_hu + self.liver_texture(xx, yy, zz)
+            paint(sl, ld, liver_hu)
             for kind, p, q, r0, r1 in self._vessels:
                 vl = roi(tuple(np.minimum(p, q) - r0 - 2), tuple(np.maximum(p, q) + r0 + 2))
                 both = None if vl is None else intersect(vl, sl)
@@ -789,7 +832,7 @@ def make_phantom(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     Slices are in ascending z (inferior first). Thick slices average three sub-slices (partial volume
     along z); a Gaussian PSF blurs in-plane; noise is Gaussian, spatially correlated, and added last.
     """
-    pat = _Patient(spec.seed, spec.phase, spec.fatty_hu, spec.lesion_free)
+    pat = _Patient(spec.seed, spec.phase, spec.fatty_hu, spec.lesion_free, spec.cirrhosis, spec.ascites_mm)
     ps_r, ps_c = spec.pixel_spacing
     rng = np.random.default_rng([int(spec.seed), 1, int(round(spec.fov_mm * 10)), spec.rows, spec.n_slices])
     if spec.center_xy is not None:
