@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from appliance.infer.labelmap import LabelMap
-from appliance.infer.measure import Lesion, _axes_in_plane, measure
+from appliance.infer.measure import Lesion, _axes_in_plane, is_rim, measure
 from appliance.models.manifest import Label, Reporting
 
 BANDS_MM: tuple[tuple[float, float], ...] = ((0.0, 10.0), (10.0, 20.0), (20.0, float("inf")))
@@ -217,23 +217,15 @@ def free_threshold(curve: Sequence[Tally], tolerance: float = 0.02) -> Tally:
     return max(ok, key=lambda t: t.threshold)
 
 
-def is_rim(les: Lesion, max_edge_contact: float, max_width_mm: float) -> bool:
-    """Whether serving's rim rule (``[reporting] max_edge_contact``, ``rim_max_width_mm``) drops ``les``."""
-    return (
-        les.edge_contact is not None
-        and les.edge_contact > max_edge_contact
-        and les.width_mm is not None
-        and les.width_mm < max_width_mm
-    )
-
-
 def without_rims(cases: Sequence[Case], max_edge_contact: float, max_width_mm: float) -> list[Case]:
     """``cases`` as serving would report them under a rim rule (the rule judges each finding on its own, so
-    findings measured without it and filtered here are exactly what serving reports with it)."""
+    findings measured without it and filtered here are exactly what serving reports with it: the same
+    ``is_rim``)."""
+    rule = Reporting(max_edge_contact=max_edge_contact, rim_max_width_mm=max_width_mm)
     return [
         Case(
             c.name,
-            tuple(f for f in c.findings if not is_rim(f.lesion, max_edge_contact, max_width_mm)),
+            tuple(f for f in c.findings if not is_rim(f.lesion, rule)),
             c.reference_mm,
             c.tags,
         )

@@ -198,18 +198,10 @@ def _labels(man: dict) -> list[Label]:
     return [Label.model_validate(lab) for lab in man["labels"]]
 
 
-def _min_mm(man: dict) -> float:
-    return float(man.get("reporting", {}).get("min_lesion_diameter_mm", 0.0))
-
-
 def _reporting(man: dict, edge: float | None = None) -> Reporting:
     """The package's reporting rules; ``edge`` replaces its rim rule's edge-contact limit (1: no rim rule)."""
     r = Reporting.model_validate(man.get("reporting", {}))
     return r if edge is None else r.model_copy(update={"max_edge_contact": edge})
-
-
-def _min_conf(man: dict) -> float:
-    return float(man.get("reporting", {}).get("min_confidence", 0.0))
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -252,10 +244,11 @@ def eval_real(models: list[tuple[str, tuple]], folder: Path, edge: float | None 
         for name, (man, spec, sess) in models:
             t0 = time.time()
             pred, conf = predict_findings(sess, spec, man, view.hu, view.spacing)
+            rules = _reporting(man, edge)
             case = le.case_findings(f"real CT {view.name}", pred, conf, view.hu, None, _labels(man), view.spacing,
-                                    view.slice_mm, _reporting(man, edge), tags=(view.name,))
+                                    view.slice_mm, rules, tags=(view.name,))
             cases[name].append(case)
-            kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= _min_conf(man) - 1e-9]
+            kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= rules.min_confidence - 1e-9]
             big = [f for f in kept if f.lesion.longest_axial_diameter_mm >= 10.0]
             print(f"{name}: real CT {view.name} ({view.hu.shape[0]}x{view.hu.shape[1]}x{view.hu.shape[2]}, "
                   f"{view.fov_mm:.0f} mm field of view, {view.spacing[0]:.2f} mm pixels, {view.slice_mm:g} mm slices, "
@@ -315,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[le.Tally]] = {}
     marks: dict[str, float] = {}
     for name, (man, _, _) in models:
-        threshold = _min_conf(man)
         rep = _reporting(man, edge)
-        entry: dict = {"min_lesion_diameter_mm": _min_mm(man), "min_confidence": threshold,
+        threshold = rep.min_confidence
+        entry: dict = {"min_lesion_diameter_mm": rep.min_lesion_diameter_mm, "min_confidence": threshold,
                        "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
         if phantom_cases.get(name):
             if a.split == "validation":

@@ -210,15 +210,20 @@ class Measurements:
                     for x in d["lesions"]["items"]
                 ),
                 unreported_lesions=int(d["lesions"].get("unreported_count", 0)),
-                min_lesion_diameter_mm=float(d["lesions"].get("reporting", {}).get("min_lesion_diameter_mm", 0.0)),
-                min_confidence=float(d["lesions"].get("reporting", {}).get("min_confidence", 0.0)),
-                max_edge_contact=float(d["lesions"].get("reporting", {}).get("max_edge_contact", 1.0)),
-                rim_max_width_mm=float(d["lesions"].get("reporting", {}).get("rim_max_width_mm", 6.0)),
+                min_lesion_diameter_mm=_rule(d, "min_lesion_diameter_mm", 0.0),
+                min_confidence=_rule(d, "min_confidence", 0.0),
+                max_edge_contact=_rule(d, "max_edge_contact", 1.0),
+                rim_max_width_mm=_rule(d, "rim_max_width_mm", 6.0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SummaryFormatError(
                 f"the measurement summary is incomplete or malformed ({type(exc).__name__}: {exc})"
             ) from None
+
+
+def _rule(d: Any, key: str, default: float) -> float:
+    """One of the reporting rules a summary was measured with (older summaries lack some: their default)."""
+    return float(d["lesions"].get("reporting", {}).get(key, default))
 
 
 def _opt_float(v: Any) -> float | None:
@@ -275,17 +280,22 @@ def _reported(longest_mm: float, reporting: Reporting) -> bool:
     return round(longest_mm, 1) >= reporting.min_lesion_diameter_mm
 
 
-def _filtered(les: Lesion, reporting: Reporting) -> bool:
-    """Whether a lesion the diameter threshold keeps is dropped by the confidence limit or as a rim along the
-    organ's edge (compared as reported, rounded; a feature not measured drops nothing)."""
-    if les.confidence is not None and les.confidence < reporting.min_confidence:
-        return True
+def is_rim(les: Lesion, reporting: Reporting) -> bool:
+    """Whether the package's rim rule drops ``les``: more than ``max_edge_contact`` of its border on the
+    organ's edge and narrower than ``rim_max_width_mm`` (compared as reported, rounded; not measured: no)."""
     return (
         les.edge_contact is not None
         and les.edge_contact > reporting.max_edge_contact
         and les.width_mm is not None
         and les.width_mm < reporting.rim_max_width_mm
     )
+
+
+def _filtered(les: Lesion, reporting: Reporting) -> bool:
+    """Whether a lesion the diameter threshold keeps is dropped by the confidence limit or the rim rule."""
+    if les.confidence is not None and les.confidence < reporting.min_confidence:
+        return True
+    return is_rim(les, reporting)
 
 
 def _organ_of(lesion: Label, label_defs: list[Label]) -> int:
@@ -501,8 +511,9 @@ def measure(
 
 
 class _Features:
-    """Per-lesion sums gathered while the components are walked slab by slab: confidence, the lesion's HU
-    and the HU of the organ shell around it. Each slab's HU is read once, for its lesion window and a
+    """Per-lesion sums gathered while the components are walked slab by slab: confidence, the in-plane border
+    (for edge contact and width), the lesion's HU and the HU of the organ shell around it. Each slab's labels
+    and HU are read once, for its lesion window and a
     margin of ``SHELL_MM``; the shell is the organ within that distance of a lesion (a square in-plane
     neighbourhood: where two lesions' shells meet, the voxel counts for the higher-numbered one)."""
 
@@ -654,14 +665,15 @@ def _report(
             inside = [d.value for d in label_defs if d.region is not None and d.region.code == lab.type.code]
             n = int(counts[lab.value] + sum(int(counts[v]) for v in inside))
             organs.append(OrganVolume(lab.name, (lab.value, *inside), n, round(n * voxel_ml, 3)))
+    rules = reporting or Reporting()
     return Measurements(
         voxel_volume_ml=voxel_ml,
         labels=out_labels,
         organs=tuple(organs),
         lesions=numbered,
         unreported_lesions=unreported,
-        min_lesion_diameter_mm=(reporting or Reporting()).min_lesion_diameter_mm,
-        min_confidence=(reporting or Reporting()).min_confidence,
-        max_edge_contact=(reporting or Reporting()).max_edge_contact,
-        rim_max_width_mm=(reporting or Reporting()).rim_max_width_mm,
+        min_lesion_diameter_mm=rules.min_lesion_diameter_mm,
+        min_confidence=rules.min_confidence,
+        max_edge_contact=rules.max_edge_contact,
+        rim_max_width_mm=rules.rim_max_width_mm,
     )
