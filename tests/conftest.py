@@ -32,13 +32,8 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hostile", "hostile-client tests (tests/test_hostile.py)")
-    group.addoption(
-        "--fuzz-cases",
-        type=int,
-        default=None,
-        metavar="N",
-        help="mutation fuzzer cases over a captured storescu association (default 2000)",
-    )
+    group.addoption("--fuzz-cases", type=int, default=None, metavar="N",
+                    help="mutation fuzzer cases over a captured storescu association (default 2000)")
     group.addoption("--fuzz-seed", type=int, default=None, metavar="S", help="the fuzzer's seed (default fixed)")
 
 
@@ -81,12 +76,8 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def write_toml(
-    path: Path,
-    sections: dict[str, dict[str, Any]],
-    top: dict[str, Any] | None = None,
-    tables: dict[str, list[dict[str, Any]]] | None = None,
-) -> None:
+def write_toml(path: Path, sections: dict[str, dict[str, Any]], top: dict[str, Any] | None = None,
+               tables: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Sections as [tables]; ``top`` keys first (e.g. ``routes = []``); ``tables`` as [[arrays of tables]]."""
     lines = [f"{key} = {_toml_value(v)}" for key, v in (top or {}).items()]
     for section, values in sections.items():
@@ -104,13 +95,8 @@ def write_toml(
 class Appliance:
     """One ``appliance serve`` process (restartable) with its config, data directory and log."""
 
-    def __init__(
-        self,
-        root: Path,
-        routes: list[dict[str, Any]] | None = None,
-        destinations: list[dict[str, Any]] | None = None,
-        **sections: dict[str, Any],
-    ) -> None:
+    def __init__(self, root: Path, routes: list[dict[str, Any]] | None = None,
+                 destinations: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -133,12 +119,9 @@ class Appliance:
         #: The metrics server starts after the listeners; tests that read it wait for it too.
         self.metrics_enabled = bool(config["metrics"].get("enabled", True))
         # No routes unless a test asks: series then end as no_model, and no model runs behind its back.
-        write_toml(
-            self.config_path,
-            {k: v for k, v in config.items() if v},
-            top=None if routes else {"routes": []},
-            tables={"routes": routes or [], "destinations": destinations or []},
-        )
+        write_toml(self.config_path, {k: v for k, v in config.items() if v},
+                   top=None if routes else {"routes": []},
+                   tables={"routes": routes or [], "destinations": destinations or []})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -151,10 +134,7 @@ class Appliance:
         log.flush()
         self.proc = subprocess.Popen(
             [appliance_exe(), "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=self.root,
         )
         log.close()
@@ -169,10 +149,8 @@ class Appliance:
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"appliance exited with {self.proc.returncode} during start:\n{self.log_tail()}")
             start_log = self.log_text().rsplit(f"===== start {self.starts} =====", 1)[-1]
-            if (
-                marker in start_log
-                and self._port_open(self.port)
-                and (not self.metrics_enabled or self._port_open(self.metrics_port))
+            if marker in start_log and self._port_open(self.port) and (
+                not self.metrics_enabled or self._port_open(self.metrics_port)
             ):
                 return
             time.sleep(0.05)
@@ -249,13 +227,8 @@ class Appliance:
         return "\n".join(self.log_text().splitlines()[-n:])
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [appliance_exe(), *args, "--config", str(self.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
+        return subprocess.run([appliance_exe(), *args, "--config", str(self.config_path)], capture_output=True,
+                              text=True, timeout=timeout, cwd=self.root)
 
     def series(self) -> list[dict[str, Any]]:
         """``appliance series --json``, parsed."""
@@ -327,31 +300,16 @@ def shared_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appli
 # -- DICOM clients -------------------------------------------------------------------------------------
 
 
-def run_storescu(
-    app: Appliance, *paths: Path, calling_ae: str = "STORESCU", extra: tuple[str, ...] = (), timeout: float = 120.0
-) -> subprocess.CompletedProcess[str]:
+def run_storescu(app: Appliance, *paths: Path, calling_ae: str = "STORESCU", extra: tuple[str, ...] = (),
+                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu, verbose so each Store Response is printed; files or directories (recursive)."""
-    cmd = [
-        need_tool("storescu"),
-        "-v",
-        "-xs",
-        "+sd",
-        "+r",
-        "-aet",
-        calling_ae,
-        "-aec",
-        CALLED_AE,
-        *extra,
-        "127.0.0.1",
-        str(app.port),
-        *map(str, paths),
-    ]
+    cmd = [need_tool("storescu"), "-v", "-xs", "+sd", "+r", "-aet", calling_ae, "-aec", CALLED_AE, *extra,
+           "127.0.0.1", str(app.port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
-def run_echoscu(
-    app: Appliance, calling_ae: str = "ECHOSCU", called_ae: str = CALLED_AE, timeout: float = 30.0
-) -> subprocess.CompletedProcess[str]:
+def run_echoscu(app: Appliance, calling_ae: str = "ECHOSCU", called_ae: str = CALLED_AE,
+                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     cmd = [need_tool("echoscu"), "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(app.port)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
@@ -385,9 +343,8 @@ def pynetdicom_ae(calling_ae: str = "PYTEST") -> Any:
     return ae
 
 
-def raw_c_store(
-    assoc: Any, payload: bytes, sop_class: str, sop_instance: str, transfer_syntax: str, msg_id: int = 1
-) -> int | None:
+def raw_c_store(assoc: Any, payload: bytes, sop_class: str, sop_instance: str, transfer_syntax: str,
+                msg_id: int = 1) -> int | None:
     """Send ``payload`` as a C-STORE's dataset, byte for byte, bypassing pynetdicom's checks.
 
     ``Association.send_c_store`` refuses datasets without SOP UIDs and re-encodes datasets; a

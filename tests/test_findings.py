@@ -4,8 +4,8 @@ On constructed label maps (1 = liver, 2 = liver lesion): a speck at the hilum be
 reported, counted or measured and goes back to the liver in the label map (unless the package keeps it);
 a lesion split across slices is one finding; a lesion outside the liver is gone after the package's
 clean-up; a thin crescent along the liver edge has the short axis of a crescent and faces out of the liver
-(its edge contact), so the package's rim rule drops it, while a tumour bulging out of the liver stays. The slab path and the
-whole-volume reference agree on all of it, label maps included.
+(its edge contact), so the package's rim rule drops it, while a tumour bulging out of the liver stays. The
+slab path and the whole-volume reference agree on all of it, label maps included.
 """
 
 from __future__ import annotations
@@ -119,12 +119,8 @@ def test_the_summary_keeps_its_shape_and_reads_older_ones() -> None:
     d = m.to_dict()
     assert d["lesions"]["count"] == 1 and d["lesions"]["unreported_count"] == 1
     assert {"volume_ml", "longest_axial_diameter_mm", "short_axis_mm"} <= set(d["lesions"]["items"][0])
-    assert d["lesions"]["reporting"] == {
-        "min_lesion_diameter_mm": 5.0,
-        "min_confidence": 0.0,
-        "max_edge_contact": 1.0,
-        "rim_max_width_mm": 6.0,
-    }
+    assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.0,
+                                         "max_edge_contact": 1.0, "rim_max_width_mm": 6.0}
     assert Measurements.from_dict(d) == m
     old = dict(d, lesions={k: v for k, v in d["lesions"].items() if k not in ("unreported_count", "reporting")})
     old["lesions"]["items"] = [{k: v for k, v in it.items() if k != "short_axis_mm"} for it in d["lesions"]["items"]]
@@ -170,22 +166,13 @@ def test_each_finding_has_its_confidence_attenuation_and_octant() -> None:
     labels = _two_lesions()
     hu = _hu(labels)
     m = measure(
-        LabelMap.from_array(labels),
-        LABELS,
-        SPACING,
-        SLICE_MM,
-        UIDS,
-        slab_slices=5,
-        confidence=_confidence(labels, 128, 242),
-        read_hu=lambda a, b: hu[a:b],
-        orientation=AXIAL,
+        LabelMap.from_array(labels), LABELS, SPACING, SLICE_MM, UIDS, slab_slices=5,
+        confidence=_confidence(labels, 128, 242), read_hu=lambda a, b: hu[a:b], orientation=AXIAL,
     )
     assert m.lesion_count == 2
     by_slice = sorted(m.lesions, key=lambda les: les.slice_index)
     low, high = by_slice
-    assert low.confidence == pytest.approx(128 / 255, abs=1e-3) and high.confidence == pytest.approx(
-        242 / 255, abs=1e-3
-    )
+    assert low.confidence == pytest.approx(128 / 255, abs=1e-3) and high.confidence == pytest.approx(242 / 255, abs=1e-3)
     assert low.mean_hu == 20.0 and low.surrounding_hu == 60.0 and low.attenuation == "hypo"
     assert high.mean_hu == 130.0 and high.surrounding_hu == 60.0 and high.attenuation == "hyper"
     assert low.octant == "inferior anterior right" and high.octant == "superior posterior left"
@@ -209,47 +196,27 @@ def test_a_finding_below_the_confidence_threshold_is_not_reported_and_goes_back_
     labels = _two_lesions()
     lm = LabelMap.from_array(labels)
     reporting = Reporting(min_lesion_diameter_mm=5, min_confidence=0.6)
-    m = measure(
-        lm,
-        LABELS,
-        SPACING,
-        SLICE_MM,
-        UIDS,
-        slab_slices=7,
-        confidence=_confidence(labels, 120, 230),
-        reporting=reporting,
-    )
+    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=7, confidence=_confidence(labels, 120, 230),
+                reporting=reporting)
     assert m.lesion_count == 1 and m.unreported_lesions == 1 and m.min_confidence == 0.6
     assert m.lesions[0].slice_index >= 16  # the confident one stays
     out = lm.to_array()
     assert not (out[:12] == 2).any() and (out[12:] == 2).any()
-    assert m.to_dict()["lesions"]["reporting"] == {
-        "min_lesion_diameter_mm": 5.0,
-        "min_confidence": 0.6,
-        "max_edge_contact": 1.0,
-        "rim_max_width_mm": 6.0,
-    }
+    assert m.to_dict()["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.6,
+                                                   "max_edge_contact": 1.0, "rim_max_width_mm": 6.0}
 
 
 def test_confidence_is_the_models_probability_of_the_label_each_pixel_got() -> None:
     from appliance.infer.preprocess import class_confidence, model_grid, scores_to_labels
     from appliance.models.manifest import InputSpec
 
-    spec = InputSpec(
-        channels=3,
-        spacing_mm=(2.0, 2.0),
-        size_multiple=16,
-        min_size=(64, 64),
-        max_size=(256, 256),
-        window=(-250.0, 350.0),
-    )
+    spec = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64), max_size=(256, 256),
+                     window=(-250.0, 350.0))
     grid = model_grid(128, 128, (1.0, 1.0), spec)  # the model grid is half the source in each axis
     h, w = grid.shape
     scores = np.zeros((2, 3, *grid.padded), np.float32)
     scores[:, 1] = 2.0  # liver everywhere ...
-    scores[:, 2, 20:40, 20:40] = 2.0 + np.log(
-        3.0
-    )  # ... but a lesion block: p(lesion) = 3 / (e^-(2 + ln 3) + 1/3... ) there
+    scores[:, 2, 20:40, 20:40] = 2.0 + np.log(3.0)  # ... but a lesion block: p(lesion) = 3 / (e^-(2 + ln 3) + 1/3... ) there
     labels = scores_to_labels(scores, grid)
     conf = class_confidence(scores, grid, labels, [2])
     assert conf.shape == labels.shape and conf.dtype == np.uint8
