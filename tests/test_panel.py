@@ -1128,3 +1128,21 @@ def test_audit_csv_has_a_header_and_neutralises_formulas(panel: Panel) -> None:
     assert panel.audit("export_audit")[0]["detail"] == "action=login"
     page = c.get("/audit", query_string={"action": "login_failed"}).text
     assert "Entries: 4" in page and "=cmd|" in page  # a page is not a spreadsheet: shown as received
+
+
+@pytest.mark.parametrize(("rules", "says"), [
+    ({}, "2 smaller than 5.0 mm not reported"),
+    ({"min_confidence": 0.24, "max_edge_contact": 0.35},
+     "2 under 5.0 mm, of low confidence or rims along the liver edge not reported"),
+])
+def test_the_series_page_names_the_rules_that_left_lesions_out(tmp_path: Path, rules: dict[str, float],
+                                                                says: str) -> None:
+    import dataclasses
+
+    p = make_panel(tmp_path)
+    s = _summary(UID["done"])
+    m = dataclasses.replace(s.measurements, unreported_lesions=2, min_lesion_diameter_mm=5.0, **rules)
+    path = p.store.data_dir / "results" / UID["done"] / MODEL / SUMMARY_FILE
+    path.write_text(dataclasses.replace(s, measurements=m).to_json())
+    page = p.login(ADMIN, ADMIN_PW).get(f"/series/{UID['done']}").text
+    assert says in page
