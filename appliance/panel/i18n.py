@@ -18,6 +18,8 @@ from typing import Any
 from flask import Flask, g, request, session
 from flask_babel import Babel, format_datetime, format_decimal, format_number, get_locale, gettext, lazy_gettext
 
+from appliance.panel.reasons import translate_reason
+
 __all__ = [
     "LANGUAGES",
     "format_datetime",
@@ -123,6 +125,7 @@ def init_app(app: Flask, default_language: str, data_dir: Path) -> None:
     )
     app.jinja_env.filters["dicom_date"] = dicom_date
     app.jinja_env.filters["pn"] = person_name
+    app.jinja_env.filters["reason"] = translate_reason
     app.jinja_env.globals.update(
         languages=LANGUAGES,
         current_language=lambda: str(get_locale() or "en"),

@@ -153,8 +153,8 @@ def _summary(store: Store, result_dir: str | None) -> dict[str, Any] | None:
             "largest": [asdict(x) | {"attenuation": x.attenuation} for x in lesions[:5]],
             "unreported": m.unreported_lesions,
             "threshold_mm": m.min_lesion_diameter_mm,
-            # The confidence limit or the rim rule may also have left lesions out: the page then says so.
-            "other_rules": m.min_confidence > 0 or m.max_edge_contact < 1.0,
+            # The confidence limit, the rim rule or the finding score may also have left lesions out: the page says so.
+            "other_rules": m.min_confidence > 0 or m.max_edge_contact < 1.0 or m.min_finding_score > 0,
         },
         "slices": s.series.slices,
         "warnings": list(s.series.warnings),
