@@ -262,6 +262,7 @@ def cmd_infer(cfg: Config, args: argparse.Namespace) -> int:
         f"under {m.min_lesion_diameter_mm:g} mm"
         + (f" or under {m.min_confidence:g} confidence" if m.min_confidence else "")
         + (" or rims along the organ's edge" if m.max_edge_contact < 1.0 else "")
+        + (f" or scoring under {m.min_finding_score:g}" if m.min_finding_score else "")
     )
     print(
         f"{out}: {files_made}: {organs}; {m.lesion_count} lesion finding(s)"

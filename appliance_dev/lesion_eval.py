@@ -7,7 +7,11 @@ component of the reference lesion label, sized by its longest axial diameter mea
 reference lesion is found when a finding at or above the confidence threshold overlaps it; a finding that
 overlaps no reference lesion is a false positive. Size bands are the issue's: < 10, 10-20 and >= 20 mm.
 
-Used by ``scripts/eval_demo_model.py`` (the figures of the model card) and its tests.
+A package with a finding score (``[reporting.finding_score]``) is swept over that score instead, its
+confidence limit then applied as serving applies it: the score is the threshold that decides.
+
+Used by ``scripts/eval_demo_model.py`` (the figures of the model card), ``scripts/fit_finding_score.py`` and
+their tests.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from appliance.infer.labelmap import LabelMap
-from appliance.infer.measure import Lesion, _axes_in_plane, is_rim, measure
-from appliance.models.manifest import Label, Reporting
+from appliance.infer.measure import Lesion, _axes_in_plane, finding_score, is_rim, measure
+from appliance.models.manifest import FindingScore, Label, Reporting
 
 BANDS_MM: tuple[tuple[float, float], ...] = ((0.0, 10.0), (10.0, 20.0), (20.0, float("inf")))
 BAND_NAMES = ("<10", "10-20", ">=20")
@@ -44,6 +48,12 @@ class Finding:
 
     lesion: Lesion
     hits: tuple[int, ...]
+
+    @property
+    def rank(self) -> float:
+        """What the threshold is swept over: the finding score where the package has one, else the confidence."""
+        v = self.lesion.score if self.lesion.score is not None else self.lesion.confidence
+        return v or 0.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,8 @@ def case_findings(
 
     ``labels`` is not changed. ``truth_lesions`` None means the series has no lesion reference (the real CT:
     its liver shows no focal lesion, so every finding is a false positive). ``reporting`` is the package's
-    (a number: its diameter threshold alone); its confidence threshold is not applied here but swept."""
+    (a number: its diameter threshold alone); its confidence threshold (with a finding score: the score's limit) is not applied
+    here but swept."""
     work = labels.copy()
     uids = [str(i) for i in range(labels.shape[0])]
     m = measure(
@@ -94,7 +105,7 @@ def case_findings(
         reporting=(
             Reporting(min_lesion_diameter_mm=reporting)
             if isinstance(reporting, int | float)
-            else reporting.model_copy(update={"min_confidence": 0.0})
+            else _swept(reporting)
         ),
         confidence=LabelMap.from_array(confidence),
         read_hu=lambda a, b: hu[a:b],
@@ -116,6 +127,38 @@ def case_findings(
     return Case(name, tuple(findings), ref_mm, tuple(tags))
 
 
+def _swept(reporting: Reporting) -> Reporting:
+    """``reporting`` without the limit the FROC sweeps: the finding score's where there is one (the confidence
+    limit then stays, as serving applies it), else the confidence limit."""
+    fs = reporting.finding_score
+    if fs is None:
+        return reporting.model_copy(update={"min_confidence": 0.0})
+    return reporting.model_copy(update={"finding_score": fs.model_copy(update={"min_score": 0.0})})
+
+
+def threshold_of(reporting: Reporting) -> float:
+    """The package's operating point on the swept axis (see :func:`_swept`)."""
+    fs = reporting.finding_score
+    return reporting.min_confidence if fs is None else fs.min_score
+
+
+def rescored(cases: Sequence[Case], model: FindingScore | None, min_confidence: float = 0.0) -> list[Case]:
+    """``cases`` with each finding scored by ``model`` (None: the score removed, the sweep back on the
+    confidence), findings under ``min_confidence`` dropped as serving drops them. Scores depend on the
+    finding's reported measurements only, so this is what serving would report with that model."""
+    import dataclasses
+
+    out = []
+    for c in cases:
+        kept = []
+        for f in c.findings:
+            if (f.lesion.confidence or 0.0) < min_confidence - 1e-9:
+                continue
+            kept.append(Finding(dataclasses.replace(f.lesion, score=finding_score(f.lesion, model)), f.hits))
+        out.append(Case(c.name, tuple(kept), c.reference_mm, c.tags))
+    return out
+
+
 @dataclass
 class Tally:
     """Per-lesion figures of a set of cases at one confidence threshold."""
@@ -131,7 +174,7 @@ class Tally:
 
     def add(self, case: Case) -> None:
         self.cases += 1
-        kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= self.threshold - 1e-9]
+        kept = [f for f in case.findings if f.rank >= self.threshold - 1e-9]
         self.reported += len(kept)
         best: dict[int, float] = {}
         for f in kept:

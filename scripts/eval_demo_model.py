@@ -51,7 +51,7 @@ from appliance.infer.preprocess import (
     scores_to_labels,
     to_model_grid,
 )
-from appliance.models.manifest import Label, Reporting
+from appliance.models.manifest import FindingScore, Label, Reporting
 from appliance_dev import lesion_eval as le
 from appliance_dev.real_ct import REAL_CT, dice, real_views
 
@@ -60,6 +60,8 @@ HELDOUT_SEED0 = 1_000_000
 #: Validation phantoms, where thresholds are chosen: disjoint from training (0..), held-out (1,000,000..) and
 #: the CI test cases (2,000,001..).
 VALIDATION_SEED0 = 3_000_000
+#: Phantoms a finding score is fitted on (``scripts/fit_finding_score.py``): disjoint from all of the above.
+FIT_SEED0 = 4_000_000
 
 
 def load_package(folder: Path, threads: int):
@@ -198,9 +200,17 @@ def _labels(man: dict) -> list[Label]:
     return [Label.model_validate(lab) for lab in man["labels"]]
 
 
+#: ``--finding-score``'s model (a JSON file of ``[reporting.finding_score]``), replacing every package's own.
+SCORE_OVERRIDE: dict = {}
+
+
 def _reporting(man: dict, edge: float | None = None) -> Reporting:
-    """The package's reporting rules; ``edge`` replaces its rim rule's edge-contact limit (1: no rim rule)."""
+    """The package's reporting rules; ``edge`` replaces its rim rule's edge-contact limit (1: no rim rule), and
+    ``--finding-score`` its finding score (``{"none": true}``: none)."""
     r = Reporting.model_validate(man.get("reporting", {}))
+    if SCORE_OVERRIDE:
+        score = None if SCORE_OVERRIDE.get("none") else FindingScore.model_validate(SCORE_OVERRIDE)
+        r = r.model_copy(update={"finding_score": score})
     return r if edge is None else r.model_copy(update={"max_edge_contact": edge})
 
 
@@ -231,7 +241,9 @@ def report_findings(name: str, cases: list[le.Case], threshold: float, what: str
                                      "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
                                      "surrounding_hu": f.lesion.surrounding_hu,
                                      "edge_contact": f.lesion.edge_contact,
-                                     "width_mm": f.lesion.width_mm, "true": bool(f.hits)}
+                                     "width_mm": f.lesion.width_mm, "z_extent_mm": f.lesion.z_extent_mm,
+                                     "peak_confidence": f.lesion.peak_confidence, "score": f.lesion.score,
+                                     "true": bool(f.hits)}
                                     for f in c.findings]}
                       for c in cases]}
 
@@ -248,7 +260,7 @@ def eval_real(models: list[tuple[str, tuple]], folder: Path, edge: float | None 
             case = le.case_findings(f"real CT {view.name}", pred, conf, view.hu, None, _labels(man), view.spacing,
                                     view.slice_mm, rules, tags=(view.name,))
             cases[name].append(case)
-            kept = [f for f in case.findings if (f.lesion.confidence or 0.0) >= rules.min_confidence - 1e-9]
+            kept = [f for f in case.findings if f.rank >= le.threshold_of(rules) - 1e-9]
             big = [f for f in kept if f.lesion.longest_axial_diameter_mm >= 10.0]
             print(f"{name}: real CT {view.name} ({view.hu.shape[0]}x{view.hu.shape[1]}x{view.hu.shape[2]}, "
                   f"{view.fov_mm:.0f} mm field of view, {view.spacing[0]:.2f} mm pixels, {view.slice_mm:g} mm slices, "
@@ -268,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=32, help="slices per phantom (default 32)")
     p.add_argument("--real", type=Path, default=REAL_CT, help="real CT folder (dicom/ and liver_reference.npz)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    p.add_argument("--split", choices=["heldout", "validation"], default="heldout",
-                   help="held-out phantoms (seeds from 1,000,000; the reported figures) or validation phantoms "
-                        "(from 3,000,000; where the confidence threshold is chosen)")
+    p.add_argument("--split", choices=["heldout", "validation", "fit"], default="heldout",
+                   help="held-out phantoms (seeds from 1,000,000; the reported figures), validation phantoms "
+                        "(from 3,000,000; where thresholds are chosen) or fit phantoms (from 4,000,000; what a "
+                        "finding score is fitted on, with --cases-out)")
     p.add_argument("--variety", type=int, choices=[1, 2, 3], default=1,
                    help="phantom generator: 1 portal/arterial (the card's sets), 2 adds delayed and unenhanced "
                         "phases, fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites")
@@ -283,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-edge-contact", type=float, default=None,
                    help="replace the package's rim rule limit ([reporting] max_edge_contact; 1: no rim rule); "
                         "--split validation measures without it and proposes one")
+    p.add_argument("--finding-score", type=Path, default=None,
+                   help="a JSON finding score (as scripts/fit_finding_score.py writes) replacing each package's "
+                        "[reporting.finding_score]; '{\"none\": true}' removes it")
+    p.add_argument("--cases-out", type=Path, default=None,
+                   help="pickle every case's findings here (all scores kept), for scripts/fit_finding_score.py")
     p.add_argument("--json", type=Path, default=None, help="write the per-finding figures and FROC curves here")
     p.add_argument("--froc-png", type=Path, default=None, help="draw the FROC curves into this PNG")
     a = p.parse_args(argv)
@@ -293,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         models.append((f"{f.name} {loaded[0]['version']}", loaded))
     if len({name for name, _ in models}) < len(models):  # the same package name and version twice: say where
         models = [(str(f), m) for f, (_, m) in zip(folders, models, strict=True)]
-    seed0 = VALIDATION_SEED0 if a.split == "validation" else HELDOUT_SEED0
+    seed0 = {"validation": VALIDATION_SEED0, "fit": FIT_SEED0}.get(a.split, HELDOUT_SEED0)
+    if a.finding_score:
+        SCORE_OVERRIDE.update(json.loads(a.finding_score.read_text()))
     edge = 1.0 if a.split == "validation" and a.max_edge_contact is None else a.max_edge_contact
     phantom_cases = eval_phantoms(models, a.phantoms, a.slices, seed0, a.variety, edge) if a.phantoms else {}
     real_cases: dict[str, list[le.Case]] = {}
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     marks: dict[str, float] = {}
     for name, (man, _, _) in models:
         rep = _reporting(man, edge)
-        threshold = rep.min_confidence
+        threshold = le.threshold_of(rep)
         entry: dict = {"min_lesion_diameter_mm": rep.min_lesion_diameter_mm, "min_confidence": threshold,
                        "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
         if phantom_cases.get(name):
@@ -342,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["real_cases"] = [{"name": c.name, "findings": [
                 {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
                  "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
-                 "surrounding_hu": f.lesion.surrounding_hu, "edge_contact": f.lesion.edge_contact, "width_mm": f.lesion.width_mm}
+                 "surrounding_hu": f.lesion.surrounding_hu, "edge_contact": f.lesion.edge_contact, "width_mm": f.lesion.width_mm,
+                 "z_extent_mm": f.lesion.z_extent_mm, "peak_confidence": f.lesion.peak_confidence,
+                 "score": f.lesion.score}
                 for f in c.findings]} for c in real_cases[name]]
             at = {c.name: le.tally([c], threshold) for c in real_cases[name]}
             entry["real"] = {c.name: {"findings_at_threshold": at[c.name].reported,
@@ -350,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                                       "froc": [le.tally([c], t).to_dict()["fp_per_case"] for t in le.THRESHOLDS]}
                              for c in real_cases[name]}
         out["models"][name] = entry
+    if a.cases_out:
+        import pickle
+
+        dump = {name: {"reporting": _reporting(man, edge).model_dump(), "phantoms": phantom_cases.get(name, []),
+                       "real": real_cases.get(name, [])} for name, (man, _, _) in models}
+        a.cases_out.write_bytes(pickle.dumps({"split": a.split, "seed0": seed0, "variety": a.variety,
+                                              "models": dump}))
+        print(f"cases: {a.cases_out}", file=sys.stderr)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
         print(f"per-finding figures: {a.json}", file=sys.stderr)

@@ -50,7 +50,7 @@ def test_lesion_error_terms_split_the_dice_denominator() -> None:
 #: Every script with a command line (gpu_tensorrt_timing.py has none: it runs on the GPU machine when started).
 CLI_SCRIPTS = ["eval_demo_model.py", "train_demo_model.py", "bench_inference.py", "bench_cpu_variants.py",
                "bench_ingest.py", "bench_e2e.py", "bench_memory.py", "bench_pdu_size.py", "bench_metrics.py",
-               "bench_panel.py", "fleet_sim.py"]
+               "bench_panel.py", "fleet_sim.py", "fit_finding_score.py"]
 
 
 def test_every_script_with_a_command_line_is_checked() -> None:

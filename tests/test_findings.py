@@ -16,7 +16,7 @@ import pytest
 from appliance.infer.labelmap import LabelMap
 from appliance.infer.measure import Measurements, measure, measure_dense
 from appliance.infer.postprocess import keep_largest_component
-from appliance.models.manifest import Reporting
+from appliance.models.manifest import FindingScore, Reporting
 from tests.test_infer_pipeline import LABELS
 
 SPACING = (0.8, 0.8)
@@ -120,7 +120,7 @@ def test_the_summary_keeps_its_shape_and_reads_older_ones() -> None:
     assert d["lesions"]["count"] == 1 and d["lesions"]["unreported_count"] == 1
     assert {"volume_ml", "longest_axial_diameter_mm", "short_axis_mm"} <= set(d["lesions"]["items"][0])
     assert d["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.0,
-                                         "max_edge_contact": 1.0, "rim_max_width_mm": 6.0}
+                                         "max_edge_contact": 1.0, "rim_max_width_mm": 6.0, "min_finding_score": 0.0}
     assert Measurements.from_dict(d) == m
     old = dict(d, lesions={k: v for k, v in d["lesions"].items() if k not in ("unreported_count", "reporting")})
     old["lesions"]["items"] = [{k: v for k, v in it.items() if k != "short_axis_mm"} for it in d["lesions"]["items"]]
@@ -203,7 +203,8 @@ def test_a_finding_below_the_confidence_threshold_is_not_reported_and_goes_back_
     out = lm.to_array()
     assert not (out[:12] == 2).any() and (out[12:] == 2).any()
     assert m.to_dict()["lesions"]["reporting"] == {"min_lesion_diameter_mm": 5.0, "min_confidence": 0.6,
-                                                   "max_edge_contact": 1.0, "rim_max_width_mm": 6.0}
+                                                   "max_edge_contact": 1.0, "rim_max_width_mm": 6.0,
+                                                   "min_finding_score": 0.0}
 
 
 def test_confidence_is_the_models_probability_of_the_label_each_pixel_got() -> None:
@@ -270,3 +271,64 @@ def test_a_rim_over_the_edge_contact_limit_is_not_reported_and_goes_back_to_the_
     out = lm.to_array()
     assert not (out[11, :30] == 2).any()  # the rim is liver again
     assert Measurements.from_dict(got.to_dict()) == got
+
+
+def _contrast_score(min_score: float) -> FindingScore:
+    """A finding score that trusts dark findings and distrusts bright ones (the real CT's vessel segment)."""
+    return FindingScore(features=["contrast"], mean=[0.0], scale=[1.0], weights=[-5.0], bias=0.0, min_score=min_score)
+
+
+@pytest.mark.parametrize("slab", [3, 24])
+def test_a_finding_scoring_under_the_packages_limit_is_not_reported_and_goes_back_to_the_liver(slab: int) -> None:
+    labels = _two_lesions()
+    hu = _hu(labels)  # the inferior lesion 40 HU darker than the liver, the superior one 70 HU brighter
+    lm = LabelMap.from_array(labels)
+    reporting = Reporting(min_lesion_diameter_mm=5, finding_score=_contrast_score(0.5))
+    m = measure(lm, LABELS, SPACING, SLICE_MM, UIDS, slab_slices=slab, confidence=_confidence(labels, 230, 230),
+                read_hu=lambda a, b: hu[a:b], reporting=reporting)
+    assert m.lesion_count == 1 and m.unreported_lesions == 1 and m.min_finding_score == 0.5
+    (kept,) = m.lesions
+    assert kept.attenuation == "hypo" and kept.score == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-3)
+    assert kept.peak_confidence == pytest.approx(230 / 255, abs=1e-3) and kept.z_extent_mm == 8.0
+    out = lm.to_array()
+    assert not (out[12:] == 2).any() and (out[:12] == 2).any()  # the bright one is liver again
+    assert m.to_dict()["lesions"]["reporting"]["min_finding_score"] == 0.5
+    assert Measurements.from_dict(m.to_dict()) == m  # score, peak and extent survive summary.json
+
+
+def test_without_the_lesion_probability_a_finding_is_not_scored_or_dropped_by_the_score() -> None:
+    labels = _two_lesions()
+    hu = _hu(labels)
+    reporting = Reporting(min_lesion_diameter_mm=5, finding_score=_contrast_score(0.99))
+    m = measure(labels.copy(), LABELS, SPACING, SLICE_MM, UIDS, read_hu=lambda a, b: hu[a:b], reporting=reporting)
+    assert m.lesion_count == 2 and all(les.score is None for les in m.lesions)
+
+
+def test_finding_features_tell_a_round_lesion_from_a_band() -> None:
+    from appliance.infer.measure import finding_features
+
+    m = measure(_edge_case(), LABELS, SPACING, SLICE_MM, UIDS)
+    inside = next(les for les in m.lesions if abs(les.centroid_voxel[2] - 48) < 2 and les.centroid_voxel[1] > 44)
+    rim = next(les for les in m.lesions if les.slice_index == 11 and les.centroid_voxel[1] < 30)
+    fi, fr = finding_features(inside), finding_features(rim)
+    assert fi["elongation"] > 0.9 and fi["roundness"] > 0.8 and 1.2 < fi["fill"] < 1.7  # a cylinder of 4 slices
+    assert fr["elongation"] < 0.6 and fr["roundness"] < 0.3 and fr["edge_contact"] >= 0.4
+    assert fi["contrast"] == 0.0 and fi["confidence"] == 0.0  # not measured: neutral
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"features": ["contrast", "contrast"], "mean": [0, 0], "scale": [1, 1], "weights": [1, 1]},
+        {"features": ["contrast"], "mean": [0, 0], "scale": [1], "weights": [1]},
+        {"features": ["contrast"], "mean": [0], "scale": [0], "weights": [1]},
+        {"features": ["contrast"], "mean": [float("nan")], "scale": [1], "weights": [1]},
+        {"features": ["hounsfield"], "mean": [0], "scale": [1], "weights": [1]},
+        {"features": [], "mean": [], "scale": [], "weights": []},
+    ],
+)
+def test_the_manifest_refuses_a_malformed_finding_score(bad: dict) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="finding_score"):
+        Reporting.model_validate({"finding_score": {**bad, "bias": 0.0, "min_score": 0.5}})

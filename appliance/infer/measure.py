@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from appliance.infer.components import Components, find_components
 from appliance.infer.labelmap import LabelMap, as_labelmap
-from appliance.models.manifest import Label, Reporting
+from appliance.models.manifest import FindingScore, Label, Reporting
 
 #: SNOMED CT "Morphologically Altered Structure": labels of this category are counted as lesions.
 LESION_CATEGORY = "49755003"
@@ -84,6 +84,12 @@ class Lesion:
     #: Its mean in-plane width, twice its area over its perimeter (the perimeter counted in pixel edges and
     #: scaled by pi/4, their mean excess over a smooth outline): a band's width, a round lesion's radius.
     width_mm: float | None = None
+    #: Its cranio-caudal extent: the slices it spans times the slice spacing.
+    z_extent_mm: float | None = None
+    #: The highest model probability of the lesion class of any of its voxels (0..1); None when not known.
+    peak_confidence: float | None = None
+    #: The package's finding score (``[reporting.finding_score]``, 0..1); None when the package has none.
+    score: float | None = None
 
     @property
     def attenuation(self) -> str | None:
@@ -112,6 +118,8 @@ class Measurements:
     #: The package's rim rule (``[reporting] max_edge_contact``, 1.0: none; ``rim_max_width_mm``).
     max_edge_contact: float = 1.0
     rim_max_width_mm: float = 6.0
+    #: The package's finding-score limit (``[reporting.finding_score] min_score``; 0: no finding score).
+    min_finding_score: float = 0.0
 
     @property
     def lesion_count(self) -> int:
@@ -161,6 +169,9 @@ class Measurements:
                         "octant": les.octant,
                         "edge_contact": les.edge_contact,
                         "width_mm": les.width_mm,
+                        "z_extent_mm": les.z_extent_mm,
+                        "peak_confidence": les.peak_confidence,
+                        "score": les.score,
                     }
                     for les in self.lesions
                 ],
@@ -170,6 +181,7 @@ class Measurements:
                     "min_confidence": self.min_confidence,
                     "max_edge_contact": self.max_edge_contact,
                     "rim_max_width_mm": self.rim_max_width_mm,
+                    "min_finding_score": self.min_finding_score,
                 },
             },
         }
@@ -206,6 +218,9 @@ class Measurements:
                         octant=None if x.get("octant") is None else str(x["octant"]),
                         edge_contact=_opt_float(x.get("edge_contact")),
                         width_mm=_opt_float(x.get("width_mm")),
+                        z_extent_mm=_opt_float(x.get("z_extent_mm")),
+                        peak_confidence=_opt_float(x.get("peak_confidence")),
+                        score=_opt_float(x.get("score")),
                     )
                     for x in d["lesions"]["items"]
                 ),
@@ -214,6 +229,7 @@ class Measurements:
                 min_confidence=_rule(d, "min_confidence", 0.0),
                 max_edge_contact=_rule(d, "max_edge_contact", 1.0),
                 rim_max_width_mm=_rule(d, "rim_max_width_mm", 6.0),
+                min_finding_score=_rule(d, "min_finding_score", 0.0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SummaryFormatError(
@@ -291,9 +307,48 @@ def is_rim(les: Lesion, reporting: Reporting) -> bool:
     )
 
 
+def finding_features(les: Lesion) -> dict[str, float]:
+    """The measurements a finding score weighs (see :data:`appliance.models.manifest.FINDING_FEATURES`), from
+    the values as reported (rounded), so a summary read back scores exactly as serving scored it. Shape
+    ratios are clipped to [0, 2]; a missing measurement counts as its neutral value."""
+    d = max(les.longest_axial_diameter_mm, 0.1)
+    short = min(les.short_axis_mm, d)
+    z = les.z_extent_mm or 0.0
+    ellipsoid = math.pi / 6.0 * d * max(short, 0.1) * max(z, 0.1)
+    contrast = 0.0
+    if les.mean_hu is not None and les.surrounding_hu is not None:
+        contrast = (les.mean_hu - les.surrounding_hu) / 100.0
+    return {
+        "log_diameter": math.log(d),
+        "elongation": short / d,
+        "fill": min(2.0, les.volume_ml * 1000.0 / ellipsoid) if z > 0 else 0.5,
+        "roundness": min(2.0, (les.width_mm or 0.0) / (d / 2.0)),
+        "confidence": les.confidence or 0.0,
+        "peak_confidence": les.peak_confidence or 0.0,
+        "contrast": contrast,
+        "abs_contrast": abs(contrast),
+        "edge_contact": les.edge_contact or 0.0,
+    }
+
+
+def finding_score(les: Lesion, model: FindingScore | None) -> float | None:
+    """The package's logistic finding score of ``les``, rounded as reported; None without a model or
+    without the lesion probability (a label map alone cannot be scored)."""
+    if model is None or les.confidence is None:
+        return None
+    x = finding_features(les)
+    z = model.bias + sum(
+        w * (x[f] - m) / s for f, m, s, w in zip(model.features, model.mean, model.scale, model.weights, strict=True)
+    )
+    return round(1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z)))), 3)
+
+
 def _filtered(les: Lesion, reporting: Reporting) -> bool:
-    """Whether a lesion the diameter threshold keeps is dropped by the confidence limit or the rim rule."""
+    """Whether a lesion the diameter threshold keeps is dropped by the confidence limit, the rim rule or the
+    finding score."""
     if les.confidence is not None and les.confidence < reporting.min_confidence:
+        return True
+    if reporting.finding_score is not None and les.score is not None and les.score < reporting.finding_score.min_score:
         return True
     return is_rim(les, reporting)
 
@@ -356,6 +411,7 @@ def measure_dense(
                     short_axis_mm=round(best_short, 1),
                     edge_contact=edges[0],
                     width_mm=edges[1],
+                    z_extent_mm=round((sl[0].stop - sl[0].start) * slice_spacing, 1),
                 )
             )
             if not _reported(best, reporting) or _filtered(lesions[-1], reporting):
@@ -491,8 +547,13 @@ def measure(
                     ),
                     edge_contact=feats.edge_contact(i),
                     width_mm=feats.width_mm(i),
+                    z_extent_mm=round(float(comps.hi[i, 0] - comps.lo[i, 0]) * slice_spacing, 1),
+                    peak_confidence=feats.peak(i),
                 )
             )
+            score = finding_score(lesions[-1], reporting.finding_score)
+            if score is not None:
+                lesions[-1] = dataclasses.replace(lesions[-1], score=score)
         dropped = [
             i for i in range(m) if not _reported(float(best[i]), reporting) or _filtered(lesions[i - m], reporting)
         ]
@@ -529,6 +590,7 @@ class _Features:
         self.lm, self.organ, self.conf_map, self.read_hu = lm, organ, confidence, read_hu
         self.margin = (max(1, math.ceil(SHELL_MM / spacing[0])), max(1, math.ceil(SHELL_MM / spacing[1])))
         self.conf = np.zeros(m, dtype=np.float64)
+        self.peak_conf = np.zeros(m, dtype=np.int64)
         self.hu = np.zeros(m, dtype=np.float64)
         self.shell = np.zeros(m, dtype=np.float64)
         self.shell_n = np.zeros(m, dtype=np.int64)
@@ -542,7 +604,9 @@ class _Features:
         r0, r1, c0, c1 = slab.box
         if self.conf_map is not None:
             window = self.conf_map.slab(slab.start, slab.stop, slab.box)
-            self.conf += np.bincount(ids, weights=window[z, r, c].astype(np.float64), minlength=m)
+            values = window[z, r, c]
+            self.conf += np.bincount(ids, weights=values.astype(np.float64), minlength=m)
+            np.maximum.at(self.peak_conf, ids, values.astype(np.int64))
         rows, cols = self.lm.shape[1:]
         mr, mc = self.margin
         e = (max(0, r0 - mr), min(rows, r1 + mr), max(0, c0 - mc), min(cols, c1 + mc))
@@ -589,6 +653,9 @@ class _Features:
         if self.conf_map is None:
             return None
         return self.conf / np.maximum(sizes, 1) / 255.0
+
+    def peak(self, i: int) -> float | None:
+        return None if self.conf_map is None else round(int(self.peak_conf[i]) / 255.0, 3)
 
     def mean_hu(self, i: int, n: int) -> float | None:
         return None if self.read_hu is None else round(float(self.hu[i]) / max(n, 1), 1)
@@ -676,4 +743,5 @@ def _report(
         min_confidence=rules.min_confidence,
         max_edge_contact=rules.max_edge_contact,
         rim_max_width_mm=rules.rim_max_width_mm,
+        min_finding_score=0.0 if rules.finding_score is None else rules.finding_score.min_score,
     )

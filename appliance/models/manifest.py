@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -82,6 +83,56 @@ class PostProcess(_Strict):
     largest_component: list[int] = Field(default_factory=list)
 
 
+#: What a finding score may weigh, each computed from the finding's measurements by
+#: :func:`appliance.infer.measure.finding_features` (the names are the contract between a package and serving):
+#: log_diameter (ln of the longest axial diameter in mm), elongation (short axis over longest diameter: 1 round,
+#: near 0 a line), fill (volume over the ellipsoid of diameter, short axis and cranio-caudal extent), roundness
+#: (mean in-plane width over half the diameter: 1 a disc, near 0 a band), confidence (mean lesion probability),
+#: peak_confidence (the highest of any of its voxels), contrast ((mean HU - surrounding organ HU) / 100),
+#: abs_contrast (its absolute value), edge_contact (the fraction of its border on the organ's edge).
+FindingFeature = Literal[
+    "log_diameter",
+    "elongation",
+    "fill",
+    "roundness",
+    "confidence",
+    "peak_confidence",
+    "contrast",
+    "abs_contrast",
+    "edge_contact",
+]
+FINDING_FEATURES: tuple[str, ...] = get_args(FindingFeature)
+
+
+class FindingScore(_Strict):
+    """A false-positive filter over each finding's measurements: a logistic model fitted on phantoms
+    (``scripts/fit_finding_score.py``), score = 1 / (1 + exp(-(bias + sum(w * (x - mean) / scale)))). A
+    finding scoring under ``min_score`` is not reported. The features are named, not positional, so a
+    package built for another serving version fails validation instead of being scored wrongly."""
+
+    features: Annotated[list[FindingFeature], Field(min_length=1, max_length=len(FINDING_FEATURES))]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    min_score: Annotated[float, Field(ge=0, le=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FindingScore:
+        n = len(self.features)
+        if len(set(self.features)) != n:
+            raise ValueError("finding_score.features: each feature may appear once")
+        for name in ("mean", "scale", "weights"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"finding_score.{name}: needs one value per feature ({n})")
+        values = [*self.mean, *self.scale, *self.weights, self.bias]
+        if not all(math.isfinite(v) and abs(v) < 1e6 for v in values):
+            raise ValueError("finding_score: every number must be finite and under 1e6 in size")
+        if not all(v > 0 for v in self.scale):
+            raise ValueError("finding_score.scale: each scale must be positive")
+        return self
+
+
 class Reporting(_Strict):
     """What of the model's lesion output becomes a reported finding (counted in the SR, drawn in the SEG and
     the key image): a lesion whose longest axial diameter is below ``min_lesion_diameter_mm`` is not
@@ -90,12 +141,14 @@ class Reporting(_Strict):
     Likewise a lesion whose mean lesion probability (its confidence, 0..1) is below ``min_confidence``, and
     a rim: more than ``max_edge_contact`` of its in-plane border facing tissue outside the organ (1.0 keeps
     every lesion) and a mean width under ``rim_max_width_mm`` (a rim along the liver's edge is thin; a round
-    tumour of about 14 mm or more bulging out of the liver is not, and stays reported)."""
+    tumour of about 14 mm or more bulging out of the liver is not, and stays reported). With a
+    ``finding_score``, a lesion those rules keep must also score at least its ``min_score``."""
 
     min_lesion_diameter_mm: Annotated[float, Field(ge=0, le=200)] = 0.0
     min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
     max_edge_contact: Annotated[float, Field(ge=0, le=1)] = 1.0
     rim_max_width_mm: Annotated[float, Field(ge=0, le=200)] = 6.0
+    finding_score: FindingScore | None = None
     keep_unreported_in_labelmap: bool = False
 
 
