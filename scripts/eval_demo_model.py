@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-edge-contact", type=float, default=None,
                    help="replace the package's rim rule limit ([reporting] max_edge_contact; 1: no rim rule); "
                         "--split validation measures without it and proposes one")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="start this many seeds into the split (another batch of fit or validation phantoms)")
     p.add_argument("--finding-score", type=Path, default=None,
                    help="a JSON finding score (as scripts/fit_finding_score.py writes) replacing each package's "
                         "[reporting.finding_score]; '{\"none\": true}' removes it")
@@ -311,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         models.append((f"{f.name} {loaded[0]['version']}", loaded))
     if len({name for name, _ in models}) < len(models):  # the same package name and version twice: say where
         models = [(str(f), m) for f, (_, m) in zip(folders, models, strict=True)]
-    seed0 = {"validation": VALIDATION_SEED0, "fit": FIT_SEED0}.get(a.split, HELDOUT_SEED0)
+    if not 0 <= a.seed_offset <= 900_000:
+        p.error("--seed-offset must be within 0..900000 (the splits are 1,000,000 seeds apart)")
+    seed0 = {"validation": VALIDATION_SEED0, "fit": FIT_SEED0}.get(a.split, HELDOUT_SEED0) + a.seed_offset
     if a.finding_score:
         SCORE_OVERRIDE.update(json.loads(a.finding_score.read_text()))
     edge = 1.0 if a.split == "validation" and a.max_edge_contact is None else a.max_edge_contact
@@ -334,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                        "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
         if phantom_cases.get(name):
             if a.split == "validation":
-                limit = le.free_rim_limit(phantom_cases[name], rep.rim_max_width_mm)
+                # The rim limit is proposed only when none is given (a given one is applied as serving would).
+                limit = (le.free_rim_limit(phantom_cases[name], rep.rim_max_width_mm) if a.max_edge_contact is None
+                         else rep.max_edge_contact)
                 before = le.tally(phantom_cases[name], 0.0)
                 phantom_cases[name] = le.without_rims(phantom_cases[name], limit, rep.rim_max_width_mm)
                 after = le.tally(phantom_cases[name], 0.0)

@@ -14,6 +14,8 @@ The data are the findings ``scripts/eval_demo_model.py --cases-out`` pickles, of
     python scripts/eval_demo_model.py --split validation --variety 2 --phantoms 40 --cases-out val.pkl
     python scripts/fit_finding_score.py --fit fit.pkl --validation val.pkl --out score.json
 
+(``--fit`` and ``--validation`` may be repeated: batches of other varieties, ``--seed-offset`` apart.)
+
 The score is fitted on the fit phantoms (L2-regularised logistic regression, Newton's method on
 standardised features, every finding the package's other rules keep: a true finding is one that overlaps a
 reference lesion); its limit ``min_score`` is chosen on the validation phantoms, never on the held-out ones or
@@ -45,6 +47,15 @@ def load(path: Path, model: str | None) -> tuple[str, dict]:
     if name not in models:
         raise SystemExit(f"{path}: no model {name!r} (has: {', '.join(models)})")
     return name, models[name]
+
+
+def pooled(paths: list[Path], model: str | None) -> tuple[str, dict]:
+    """The cases of several pickles of one package, as one set (the first pickle's reporting rules)."""
+    name, first = load(paths[0], model)
+    merged = {"reporting": first["reporting"], "phantoms": list(first["phantoms"])}
+    for path in paths[1:]:
+        merged["phantoms"] += load(path, name)[1]["phantoms"]
+    return name, merged
 
 
 def design(cases: list[le.Case], features: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,9 +97,11 @@ def summary(name: str, t: le.Tally) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fit", type=Path, required=True, help="cases pickled by eval_demo_model.py --split fit")
-    p.add_argument("--validation", type=Path, required=True,
-                   help="cases pickled by eval_demo_model.py --split validation (where min_score is chosen)")
+    p.add_argument("--fit", type=Path, action="append", required=True,
+                   help="cases pickled by eval_demo_model.py --split fit (repeat to pool several)")
+    p.add_argument("--validation", type=Path, action="append", required=True,
+                   help="cases pickled by eval_demo_model.py --split validation, where min_score is chosen "
+                        "(repeat to pool several)")
     p.add_argument("--model", default=None, help="which package of the pickles (default: the first)")
     p.add_argument("--features", default=",".join(FINDING_FEATURES),
                    help=f"comma-separated features (default all: {','.join(FINDING_FEATURES)})")
@@ -104,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown features: {', '.join(unknown)} (known: {', '.join(FINDING_FEATURES)})")
 
-    name, fit = load(a.fit, a.model)
-    _, val = load(a.validation, name)
+    name, fit = pooled(a.fit, a.model)
+    _, val = pooled(a.validation, name)
     min_conf = float(fit["reporting"].get("min_confidence", 0.0))
     fit_cases = le.rescored(fit["phantoms"], None, min_conf)
     x, y, _ = design(fit_cases, features)
     if len(y) < 20 or y.min() == y.max():
-        raise SystemExit(f"{a.fit}: {len(y)} findings, {int(y.sum())} true: too few, or of one kind only, to fit on")
+        raise SystemExit(f"{', '.join(map(str, a.fit))}: {len(y)} findings, {int(y.sum())} true: too few, or of one kind only, to fit on")
     mean, scale = x.mean(0), x.std(0)
     scale[scale < 1e-6] = 1.0
     w, b = fit_logistic((x - mean) / scale, y, a.l2)

@@ -75,7 +75,8 @@ def whole_volume_reference(paths: list[Path], package, backend) -> tuple[np.ndar
     # the package's reporting threshold, as serving applies it (unreported lesions go back to the liver)
     dense = measure_dense(labels, package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
                           reporting=package.manifest.reporting)
-    plain = tuple(dataclasses.replace(les, confidence=None, mean_hu=None, surrounding_hu=None, octant=None)
+    plain = tuple(dataclasses.replace(les, confidence=None, mean_hu=None, surrounding_hu=None, octant=None,
+                                      peak_confidence=None, score=None)
                   for les in features.lesions)
     assert dataclasses.replace(features, lesions=plain) == dense  # same findings, same numbers
     return labels, features

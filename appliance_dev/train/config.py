@@ -16,6 +16,9 @@ MIN_CONFIDENCE = 0.24
 #: The limit is the lowest that drops no true finding on the validation phantoms (the same command).
 MAX_EDGE_CONTACT = 0.35
 RIM_MAX_WIDTH_MM = 6.0
+#: The finding score (``[reporting.finding_score]``): fitted on the fit phantoms and its limit chosen on the
+#: validation phantoms by ``scripts/fit_finding_score.py`` (see the model card); None: the package has none.
+FINDING_SCORE: dict | None = None
 N_CLASSES = 3
 SPEC = InputSpec(channels=3, spacing_mm=(2.0, 2.0), size_multiple=16, min_size=(64, 64),
                  max_size=(256, 256), window=(-250.0, 350.0))

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance_dev import manifest
-from appliance_dev.train.config import (HELDOUT_SEED0, MAX_BATCH, MAX_EDGE_CONTACT, MIN_CONFIDENCE, N_CLASSES, NAME,
-                                        OPT_BATCH, OPT_SIZE, RIM_MAX_WIDTH_MM, SPEC, VERSION)
+from appliance_dev.train.config import (FINDING_SCORE, HELDOUT_SEED0, MAX_BATCH, MAX_EDGE_CONTACT, MIN_CONFIDENCE,
+                                        N_CLASSES, NAME, OPT_BATCH, OPT_SIZE, RIM_MAX_WIDTH_MM, SPEC, VERSION)
 
 
 def fmt_metric(v: float) -> str:
@@ -169,7 +169,8 @@ def manifest_fields(out: Path, info: dict) -> dict[str, Any]:
         "postprocess": {"largest_component": [1, 2]},
         # a finding is at least 5 mm across (smaller components are noise at this model's 2 mm grid)
         "reporting": {"min_lesion_diameter_mm": 5.0, "min_confidence": MIN_CONFIDENCE,
-                      "max_edge_contact": MAX_EDGE_CONTACT, "rim_max_width_mm": RIM_MAX_WIDTH_MM},
+                      "max_edge_contact": MAX_EDGE_CONTACT, "rim_max_width_mm": RIM_MAX_WIDTH_MM}
+                     | ({"finding_score": dict(FINDING_SCORE)} if FINDING_SCORE else {}),
         "labels": list(manifest.LIVER_LABELS),
         "files": manifest.file_digests(out, ("model.onnx", "MODEL_CARD.md")),
         "training": training,
