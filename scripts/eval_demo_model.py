@@ -218,12 +218,13 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def report_findings(name: str, cases: list[le.Case], threshold: float, what: str) -> dict:
-    """The per-finding table of ``cases`` at ``threshold``, printed, and the JSON of it and of the FROC curve."""
+def report_findings(name: str, cases: list[le.Case], threshold: float, what: str, axis: str = "confidence") -> dict:
+    """The per-finding table of ``cases`` at ``threshold`` (of ``axis``: the confidence, or the finding score where
+    the package has one), printed, and the JSON of it and of the FROC curve."""
     t = le.tally(cases, threshold)
     sens = ", ".join(f"{b} mm {t.found[b]}/{t.reference[b]}" for b in le.BAND_NAMES)
     fps = ", ".join(f"{b} mm {t.fp_per_case([b]):.2f}" for b in le.BAND_NAMES)
-    print(f"{name}: {what} findings at confidence >= {threshold:.2f} ({t.cases} cases): sensitivity {sens} "
+    print(f"{name}: {what} findings at {axis} >= {threshold:.2f} ({t.cases} cases): sensitivity {sens} "
           f"(>= 10 mm {_fmt(t.sensitivity(le.BAND_NAMES[1:]))}); false-positive findings per case {fps} "
           f"(>= 10 mm {t.fp_per_case(le.BAND_NAMES[1:]):.2f}); {t.reported / max(t.cases, 1):.2f} reported per case")
     err = t.size_error()
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["fp_bounded_threshold"] = chosen.threshold
                 entry["free_threshold"] = free.threshold
                 entry["chosen_threshold"] = threshold = free.threshold if a.rule == "free" else chosen.threshold
-            entry["phantoms"] = report_findings(name, phantom_cases[name], threshold, f"{a.split} phantoms")
+            axis = "confidence" if rep.finding_score is None else "finding score"
+            entry["phantoms"] = report_findings(name, phantom_cases[name], threshold, f"{a.split} phantoms", axis)
             curves[name] = le.froc(phantom_cases[name])
             marks[name] = threshold
         if real_cases.get(name):
