@@ -316,7 +316,7 @@ def test_every_page_renders_for_an_admin_with_its_data(panel: Panel) -> None:
                                    f"/series/{UID['done']}/key/", UID["done"]],
         "/queue": ["PACS_AE @ 10.0.0.5:104", "VIEWER @ 10.0.0.6:11112", "SMITH, JOHN", "PARK, MIN", "LE, THI",
                    "Called AE title not recognised", 'data-action="retry-all"', 'data-action="suspend-pacs"'],
-        "/models": [MODEL, "1.5.1"],
+        "/models": [MODEL, "1.6.0"],
         "/audit": [ADMIN, "127.0.0.1"],
         "/users": [ADMIN, TECH, VIEWER],
         "/settings": ["[panel]", "lockout_account_failures", "PACS_AE"],
@@ -404,7 +404,7 @@ def test_every_api_route_answers_json_for_an_admin(panel: Panel) -> None:
                                                                        (UID["queued"], "queued")}
     assert [(j["series_uid"], j["reason"]) for j in jobs["failed"]] == [(UID["failed"], XSS_REASON)]
     models = c.get("/api/v1/models").get_json()
-    assert [(p["name"], p["version"]) for p in models["packages"]] == [(MODEL, "1.5.1")]
+    assert [(p["name"], p["version"]) for p in models["packages"]] == [(MODEL, "1.6.0")]
     out = c.get("/api/v1/outbox").get_json()
     assert [(d["name"], d["pending"], d["dead"], d["suspended"]) for d in out["destinations"]] == [
         ("pacs", 3, 6, False), ("viewer", 3, 0, False)]

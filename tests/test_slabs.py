@@ -68,18 +68,25 @@ def whole_volume_reference(paths: list[Path], package, backend) -> tuple[np.ndar
         labels[s:e] = scores_to_labels(scores, grid)
         class_confidence(scores, grid, labels[s:e], [2], out=conf[s:e])
     labels = keep_largest_component(labels, package.manifest.postprocess.largest_component)
-    # The findings' confidence, HU and octant: measured on the whole volume as one slab.
-    features = measure(labels.copy(), package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
-                       slab_slices=n, reporting=package.manifest.reporting, confidence=LabelMap.from_array(conf),
+    # The findings' confidence, HU, octant and finding score: measured on the whole volume as one slab, with
+    # every rule of the package, as serving applies them (unreported lesions go back to the liver).
+    rules = package.manifest.reporting
+    reported = LabelMap.from_array(labels.copy())
+    features = measure(reported, package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
+                       slab_slices=n, reporting=rules, confidence=LabelMap.from_array(conf),
                        read_hu=lambda a, b: vol.hu[a:b], orientation=vol.orientation)
-    # the package's reporting threshold, as serving applies it (unreported lesions go back to the liver)
+    # The independent whole-volume reference has no probabilities or HU, so no finding score: both without it.
+    no_score = rules.model_copy(update={"finding_score": None})
+    unscored = measure(labels.copy(), package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
+                       slab_slices=n, reporting=no_score, confidence=LabelMap.from_array(conf),
+                       read_hu=lambda a, b: vol.hu[a:b], orientation=vol.orientation)
     dense = measure_dense(labels, package.labels, vol.pixel_spacing, vol.slice_spacing, vol.sop_instance_uids,
-                          reporting=package.manifest.reporting)
+                          reporting=no_score)
     plain = tuple(dataclasses.replace(les, confidence=None, mean_hu=None, surrounding_hu=None, octant=None,
                                       peak_confidence=None, score=None)
-                  for les in features.lesions)
-    assert dataclasses.replace(features, lesions=plain) == dense  # same findings, same numbers
-    return labels, features
+                  for les in unscored.lesions)
+    assert dataclasses.replace(unscored, lesions=plain) == dense  # same findings, same numbers
+    return reported.to_array(), features
 
 
 @pytest.mark.parametrize("plan", [SlabPlan(infer=8, post=1), SlabPlan(infer=16, post=3), SlabPlan(infer=256, post=64)])
