@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"min_lesion_diameter_mm": rep.min_lesion_diameter_mm, "min_confidence": threshold,
                        "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
         if phantom_cases.get(name):
+            axis = "confidence" if rep.finding_score is None else "finding score"
             if a.split == "validation":
                 # The rim limit is proposed only when none is given (a given one is applied as serving would).
                 limit = (le.free_rim_limit(phantom_cases[name], rep.rim_max_width_mm) if a.max_edge_contact is None
@@ -346,23 +347,23 @@ def main(argv: list[str] | None = None) -> int:
                 phantom_cases[name] = le.without_rims(phantom_cases[name], limit, rep.rim_max_width_mm)
                 after = le.tally(phantom_cases[name], 0.0)
                 print(f"{name}: validation: rim rule max_edge_contact {limit:.2f} (narrower than "
-                      f"{rep.rim_max_width_mm:g} mm; the lowest dropping no true finding) removes "
+                      f"{rep.rim_max_width_mm:g} mm; "
+                      + ("the lowest dropping no true finding" if a.max_edge_contact is None else "as given") + ") removes "
                       f"{before.reported - after.reported} of {before.reported} findings; false findings >= 10 mm "
                       f"{before.fp_per_case(le.BAND_NAMES[1:]):.2f} -> {after.fp_per_case(le.BAND_NAMES[1:]):.2f} "
                       f"per case")
                 entry["chosen_max_edge_contact"] = limit
                 chosen = le.choose_threshold(le.froc(phantom_cases[name]), a.max_fp)
-                print(f"{name}: validation: confidence threshold {chosen.threshold:.2f} keeps false findings of "
+                print(f"{name}: validation: {axis} threshold {chosen.threshold:.2f} keeps false findings of "
                       f">= 10 mm at {chosen.fp_per_case(le.BAND_NAMES[1:]):.2f} per case (want <= {a.max_fp:g}), "
                       f"sensitivity >= 10 mm {_fmt(chosen.sensitivity(le.BAND_NAMES[1:]))}")
                 free = le.free_threshold(le.froc(phantom_cases[name]))
-                print(f"{name}: validation: confidence threshold {free.threshold:.2f} is the highest that keeps "
+                print(f"{name}: validation: {axis} threshold {free.threshold:.2f} is the highest that keeps "
                       f"sensitivity >= 10 mm within 0.02 of its best ({_fmt(free.sensitivity(le.BAND_NAMES[1:]))}), "
                       f"false findings >= 10 mm {free.fp_per_case(le.BAND_NAMES[1:]):.2f} per case")
                 entry["fp_bounded_threshold"] = chosen.threshold
                 entry["free_threshold"] = free.threshold
                 entry["chosen_threshold"] = threshold = free.threshold if a.rule == "free" else chosen.threshold
-            axis = "confidence" if rep.finding_score is None else "finding score"
             entry["phantoms"] = report_findings(name, phantom_cases[name], threshold, f"{a.split} phantoms", axis)
             curves[name] = le.froc(phantom_cases[name])
             marks[name] = threshold
