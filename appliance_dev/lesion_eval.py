@@ -161,7 +161,8 @@ def rescored(cases: Sequence[Case], model: FindingScore | None, min_confidence: 
 
 @dataclass
 class Tally:
-    """Per-lesion figures of a set of cases at one confidence threshold."""
+    """Per-lesion figures of a set of cases at one threshold of the findings' :attr:`Finding.rank` (the
+    confidence, or the finding score where the package has one)."""
 
     threshold: float
     cases: int = 0

@@ -218,6 +218,15 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _finding_json(f: le.Finding) -> dict:
+    """One finding's measurements as the JSON lists them (the real CT's and the phantoms' alike)."""
+    les = f.lesion
+    return {"diameter_mm": les.longest_axial_diameter_mm, "short_axis_mm": les.short_axis_mm,
+            "confidence": les.confidence, "mean_hu": les.mean_hu, "surrounding_hu": les.surrounding_hu,
+            "edge_contact": les.edge_contact, "width_mm": les.width_mm, "z_extent_mm": les.z_extent_mm,
+            "peak_confidence": les.peak_confidence, "score": les.score}
+
+
 def report_findings(name: str, cases: list[le.Case], threshold: float, what: str, axis: str = "confidence") -> dict:
     """The per-finding table of ``cases`` at ``threshold`` (of ``axis``: the confidence, or the finding score where
     the package has one), printed, and the JSON of it and of the FROC curve."""
@@ -237,14 +246,7 @@ def report_findings(name: str, cases: list[le.Case], threshold: float, what: str
     curve = le.froc(cases)
     return {"at_threshold": t.to_dict(), "groups": groups, "froc": [x.to_dict() for x in curve],
             "cases": [{"name": c.name, "tags": list(c.tags), "reference_mm": list(c.reference_mm),
-                       "findings": [{"diameter_mm": f.lesion.longest_axial_diameter_mm,
-                                     "short_axis_mm": f.lesion.short_axis_mm, "volume_ml": f.lesion.volume_ml,
-                                     "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
-                                     "surrounding_hu": f.lesion.surrounding_hu,
-                                     "edge_contact": f.lesion.edge_contact,
-                                     "width_mm": f.lesion.width_mm, "z_extent_mm": f.lesion.z_extent_mm,
-                                     "peak_confidence": f.lesion.peak_confidence, "score": f.lesion.score,
-                                     "true": bool(f.hits)}
+                       "findings": [_finding_json(f) | {"volume_ml": f.lesion.volume_ml, "true": bool(f.hits)}
                                     for f in c.findings]}
                       for c in cases]}
 
@@ -335,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (man, _, _) in models:
         rep = _reporting(man, edge)
         threshold = le.threshold_of(rep)
-        entry: dict = {"min_lesion_diameter_mm": rep.min_lesion_diameter_mm, "min_confidence": threshold,
-                       "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm}
+        entry: dict = {"min_lesion_diameter_mm": rep.min_lesion_diameter_mm, "min_confidence": rep.min_confidence,
+                       "max_edge_contact": rep.max_edge_contact, "rim_max_width_mm": rep.rim_max_width_mm,
+                       "min_finding_score": None if rep.finding_score is None else rep.finding_score.min_score}
         if phantom_cases.get(name):
             axis = "confidence" if rep.finding_score is None else "finding score"
             if a.split == "validation":
@@ -368,13 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             curves[name] = le.froc(phantom_cases[name])
             marks[name] = threshold
         if real_cases.get(name):
-            entry["real_cases"] = [{"name": c.name, "findings": [
-                {"diameter_mm": f.lesion.longest_axial_diameter_mm, "short_axis_mm": f.lesion.short_axis_mm,
-                 "confidence": f.lesion.confidence, "mean_hu": f.lesion.mean_hu,
-                 "surrounding_hu": f.lesion.surrounding_hu, "edge_contact": f.lesion.edge_contact, "width_mm": f.lesion.width_mm,
-                 "z_extent_mm": f.lesion.z_extent_mm, "peak_confidence": f.lesion.peak_confidence,
-                 "score": f.lesion.score}
-                for f in c.findings]} for c in real_cases[name]]
+            entry["real_cases"] = [{"name": c.name, "findings": [_finding_json(f) for f in c.findings]}
+                                   for c in real_cases[name]]
             at = {c.name: le.tally([c], threshold) for c in real_cases[name]}
             entry["real"] = {c.name: {"findings_at_threshold": at[c.name].reported,
                                       "ge10_at_threshold": sum(at[c.name].false_positive[b] for b in le.BAND_NAMES[1:]),
