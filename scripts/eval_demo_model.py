@@ -287,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out phantoms (seeds from 1,000,000; the reported figures), validation phantoms "
                         "(from 3,000,000; where thresholds are chosen) or fit phantoms (from 4,000,000; what a "
                         "finding score is fitted on, with --cases-out)")
-    p.add_argument("--variety", type=int, choices=[1, 2, 3], default=1,
+    p.add_argument("--variety", type=int, choices=[1, 2, 3, 4], default=1,
                    help="phantom generator: 1 portal/arterial (the card's sets), 2 adds delayed and unenhanced "
-                        "phases, fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites")
+                        "phases, fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites, 4 adds "
+                        "to 2 periportal fat or oedema cuffs")
     p.add_argument("--no-real", action="store_true", help="skip the real CT")
     p.add_argument("--max-fp", type=float, default=0.2,
                    help="validation: false-positive findings of 10 mm or more per case the chosen threshold allows")

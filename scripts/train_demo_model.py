@@ -78,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-slices", type=int, default=None, help="slices per training phantom (default 16)")
     p.add_argument("--heldout-phantoms", type=int, default=None, help="held-out phantoms (default 24; 2 with --quick)")
     p.add_argument("--heldout-slices", type=int, default=None, help="slices per held-out phantom (default 32)")
-    p.add_argument("--variety", type=int, choices=[1, 2, 3], default=1,
+    p.add_argument("--variety", type=int, choices=[1, 2, 3, 4], default=1,
                    help="phantom generator: 1 portal/arterial (default), 2 adds delayed and unenhanced phases, "
-                        "fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites (training and "
-                        "held-out phantoms alike)")
+                        "fatty livers and lesion-free patients, 3 adds cirrhotic livers and ascites, 4 adds to 2 "
+                        "periportal fat or oedema cuffs (training and held-out phantoms alike)")
     # Defaults reproduce the shipped model. Without lesion-centred crops and the heavier lesion loss the
     # lesion class is starved (held-out lesion Dice 0.33 with 0 / 2 / 0.5): see the issue notes.
     p.add_argument("--lesion-crops", type=float, default=0.5,

@@ -91,3 +91,35 @@ def test_a_cirrhotic_liver_is_nodular_and_ascites_is_fluid_around_it_labelled_ba
     assert fluid.mean() > 0.5, "a fluid band around the liver"
     assert not (lab2[1][ring] >= 1).any()  # the fluid is background
     assert float(np.median(hu2[1][ring])) < float(np.median(hu2[1][liver])) - 50
+
+
+def test_variety_four_adds_periportal_cuffs_without_changing_what_two_draws() -> None:
+    specs = []
+    for seed in range(300):
+        two, four = sample_spec(seed, n_slices=8, variety=2), sample_spec(seed, n_slices=8, variety=4)
+        assert dataclasses.replace(four, periportal_mm=0.0, periportal_hu=0.0, variety=2) == two
+        assert four.cirrhosis == 0.0 and four.ascites_mm == 0.0  # variety 4 draws no cirrhosis
+        specs.append(four)
+    assert 0.6 < np.mean([s.periportal_mm > 0 for s in specs]) < 0.8
+    assert all(1.5 <= s.periportal_mm <= 6.0 for s in specs if s.periportal_mm)
+    fat = [s.periportal_hu < 0 for s in specs]
+    assert 0.4 < np.mean(fat) < 0.6 and all(-110 <= s.periportal_hu <= 25 for s in specs)
+
+
+def test_a_periportal_cuff_is_dark_pockets_beside_the_portal_vein_labelled_background() -> None:
+    base = dataclasses.replace(sample_spec(5000001, n_slices=24, fov_kind="full", variety=4), phase="portal",
+                               z_center=None, slice_spacing=2.0, slice_thickness=2.0, noise_hu=1.0,
+                               periportal_mm=0.0, periportal_hu=0.0)
+    hu0, lab0, _ = make_phantom(base)
+    hu1, lab1, _ = make_phantom(dataclasses.replace(base, periportal_mm=5.0, periportal_hu=-80.0))
+    changed = lab0 != lab1
+    assert changed.any() and (lab0[changed] == 1).all() and (lab1[changed] == 0).all()  # liver -> background only
+    liver = lab0 == 1
+    darker = liver & (hu1.astype(np.int32) < hu0.astype(np.int32) - 60)
+    assert darker.sum() > 200, "fat pockets inside the liver"
+    assert (lab1[darker] == 0).mean() > 0.8  # (partial volume aside) the fat is background, as the clefts' wedges are
+    # Pockets, not a continuous sheath: on the slices the cuff shows, it is several separate pieces.
+    from scipy import ndimage
+
+    pieces = [ndimage.label(darker[k])[1] for k in range(darker.shape[0]) if darker[k].sum() > 20]
+    assert pieces and max(pieces) >= 3

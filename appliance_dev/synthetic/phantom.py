@@ -136,9 +136,16 @@ class CaseSpec:
     cirrhosis: float = 0.0
     #: Ascites: a band of fluid up to this thick (mm) around the liver, inside the peritoneal cavity.
     ascites_mm: float = 0.0
+    #: Periportal cuff: fat or fluid (oedema) up to this thick (mm) sheathing the portal vein's trunk and
+    #: first branches inside the liver, patchy so that on a slice it breaks into dark pockets beside the
+    #: vessel; labelled background, as the training clefts' fat is (labelled liver, it taught a model to call
+    #: dark tissue beside the liver liver: run F in the model card) (variety 4). 0: none.
+    periportal_mm: float = 0.0
+    #: The cuff's HU: about -100..-30 for fat (the fissures and the hilum), 0..25 for oedema.
+    periportal_hu: float = 0.0
     #: Which generator drew the spec: 1 (portal/arterial, the original sets, unchanged), 2 (adds delayed
     #: and unenhanced phases, fatty livers and more lesion-free patients; issue 21) or 3 (2 and cirrhotic
-    #: livers, some with ascites).
+    #: livers, some with ascites) or 4 (2 and periportal fat or oedema cuffs; no cirrhosis).
     variety: int = 1
 
     @property
@@ -157,7 +164,9 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
     ``variety = 2`` also draws delayed and unenhanced phases, fatty livers and lesion-free patients, from a
     random stream of their own: everything else about the spec is what variety 1 draws for the seed.
     ``variety = 3`` draws what 2 draws and, from a third stream, cirrhosis (30% of patients) and ascites (half
-    of those).
+    of those). ``variety = 4`` draws what 2 draws and, from a fourth stream, a periportal fat (half) or
+    oedema cuff in 70% of patients: what the model marked at the shared real CT's hilum, where fat beside
+    the left portal vein shows as a round dark pocket on a slice. It draws no cirrhosis.
     """
     rng = np.random.default_rng([int(seed), 7])
     kind = fov_kind or ("targeted" if rng.random() < 0.35 else "full")
@@ -177,7 +186,12 @@ def sample_spec(seed: int, *, n_slices: int | None = None, fov_kind: str | None 
         extra = dict(fatty_hu=float(r2.uniform(15, 50)) if r2.random() < 0.25 else 0.0,
                      lesion_free=bool(r2.random() < 0.25), variety=int(variety))
         ph = phase or drawn
-    if variety >= 3:
+    if variety == 4:
+        r4 = np.random.default_rng([int(seed), 11])
+        fat = bool(r4.random() < 0.5)
+        extra["periportal_hu"] = float(r4.uniform(-110, -30) if fat else r4.uniform(0, 25))
+        extra["periportal_mm"] = float(r4.uniform(1.5, 6.0)) if r4.random() < 0.7 else 0.0
+    if variety == 3:
         r3 = np.random.default_rng([int(seed), 9])
         cirrhosis = float(r3.uniform(0.4, 1.0)) if r3.random() < 0.3 else 0.0
         extra["cirrhosis"] = cirrhosis
@@ -199,7 +213,8 @@ class _Patient:
     """One random patient: body, organs, vessels, bones and lesions as implicit surfaces."""
 
     def __init__(self, seed: int, phase: str, fatty_hu: float = 0.0, lesion_free: bool = False,
-                 cirrhosis: float = 0.0, ascites_mm: float = 0.0):
+                 cirrhosis: float = 0.0, ascites_mm: float = 0.0, periportal_mm: float = 0.0,
+                 periportal_hu: float = 0.0):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
         rng = np.random.default_rng([int(seed), 0])
@@ -228,6 +243,11 @@ class _Patient:
         self.ll_rot = u(-0.35, 0.15)
         self.cd_a = (20.0, 22.0, 0.25 * self.H)
         self.cirrhosis, self.ascites_mm = float(cirrhosis), float(ascites_mm)
+        self.periportal_mm, self.periportal_hu = float(periportal_mm), float(periportal_hu)
+        # The cuff's patchiness: its own stream, so the rest of the patient is what the seed draws.
+        rp = np.random.default_rng([int(seed), 12])
+        self.periportal_wave = tuple(float(v) for v in rp.uniform(0, 2 * np.pi, 3)) + tuple(
+            float(v) for v in rp.uniform(0.15, 0.45, 3))
         self.liver_nodules: _Field | None = None
         self.liver_texture: _Field | None = None
         if cirrhosis > 0:
@@ -509,6 +529,38 @@ class _Patient:
              u(4.5, 7), 2)
         return segs
 
+    def _paint_periportal(self, roi: Callable, intersect: Callable, coords: Callable, paint: Callable,
+                          sl: tuple, ld: Array) -> Array:
+        """The fat or oedema sheath of the portal trunk and its larger branches, inside the liver only, and
+        the mask of where it lies (labelled background: fat and fluid, not parenchyma).
+
+        Its thickness follows a smooth wave along the vessel, down to nothing in places, so that a slice
+        cuts it into pockets: the dark spots beside the hilum vessels a model must not call lesions.
+        """
+        mask = np.zeros(ld.shape, dtype=bool)  # in the liver box's coordinates
+        vessel = np.zeros(ld.shape, dtype=bool)
+        t = np.float32(self.periportal_mm)
+        ph, fr = self.periportal_wave[:3], self.periportal_wave[3:]
+        r_big = max(r0 for kind, _, _, r0, _ in self._vessels if kind == "pv")
+        for kind, p, q, r0, r1 in self._vessels:
+            if kind != "pv" or r0 < 0.4 * r_big:
+                continue
+            m = r0 + float(t) + 2
+            vl = roi(tuple(np.minimum(p, q) - m), tuple(np.maximum(p, q) + m))
+            both = None if vl is None else intersect(vl, sl)
+            if both is None:
+                continue
+            gsub, sub = both
+            vx, vy, vz = coords(gsub)
+            wave = (np.sin(fr[0] * vx + ph[0]) * np.sin(fr[1] * vy + ph[1]) * np.sin(fr[2] * vz + ph[2]))
+            thick = t * np.clip(0.5 + 1.2 * wave, 0.0, 1.0)
+            dv = _capsule(vx, vy, vz, p, q, r0, r1)
+            d = np.maximum(dv - thick, ld[sub] + 0.5)
+            paint(gsub, d, np.float32(self.periportal_hu))
+            mask[sub] |= d < 0
+            vessel[sub] |= dv < 0
+        return mask & ~vessel
+
     # --- rendering -----------------------------------------------------------------------------------------
 
     def render(self, xs: Array, ys: Array, zs: Array, pv_width: float) -> tuple[Array, Array]:
@@ -749,6 +801,9 @@ class _Patient:
             if self.liver_texture is not None:
                 liver_hu = liver_hu + self.liver_texture(xx, yy, zz)
             paint(sl, ld, liver_hu)
+            cuff = None
+            if self.periportal_mm > 0:
+                cuff = self._paint_periportal(roi, intersect, coords, paint, sl, ld)
             for kind, p, q, r0, r1 in self._vessels:
                 vl = roi(tuple(np.minimum(p, q) - r0 - 2), tuple(np.maximum(p, q) + r0 + 2))
                 both = None if vl is None else intersect(vl, sl)
@@ -761,6 +816,8 @@ class _Patient:
                     d = np.maximum(d, ld[sub] + 1.0)  # hepatic veins only inside the liver
                 paint(gsub, d, hu_t["pv"] if kind == "pv" else hu_t["hv"])
             lab[sl][ld < 0] = 1
+            if cuff is not None:
+                lab[sl][cuff] = 0  # fat and fluid, not parenchyma (as the clefts' wedges are)
             for les in self.lesions:
                 c, a = les["c"], les["a"]
                 m = float(max(a)) + 4
@@ -832,7 +889,8 @@ def make_phantom(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     Slices are in ascending z (inferior first). Thick slices average three sub-slices (partial volume
     along z); a Gaussian PSF blurs in-plane; noise is Gaussian, spatially correlated, and added last.
     """
-    pat = _Patient(spec.seed, spec.phase, spec.fatty_hu, spec.lesion_free, spec.cirrhosis, spec.ascites_mm)
+    pat = _Patient(spec.seed, spec.phase, spec.fatty_hu, spec.lesion_free, spec.cirrhosis, spec.ascites_mm,
+                   spec.periportal_mm, spec.periportal_hu)
     ps_r, ps_c = spec.pixel_spacing
     rng = np.random.default_rng([int(spec.seed), 1, int(round(spec.fov_mm * 10)), spec.rows, spec.n_slices])
     if spec.center_xy is not None:
