@@ -188,6 +188,23 @@ class Supervisor:
             log.warning("%s", warning)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        try:
+            self._run_started(store, sock, packages)
+        except BaseException:
+            # An unexpected error in the supervisor itself: stop the processes it started, in the same
+            # order as a SIGTERM, and let the error end the program (non-zero: systemd restarts it).
+            # Without this the interpreter's exit waits for the listeners and the worker, which keep
+            # running, and the box hangs half-alive instead of restarting.
+            log.exception("the supervisor failed; stopping every process it started")
+            self.stop.set()  # the stage threads stop on it, as on SIGTERM
+            self._shut_down(store, sock, procs_lock, lock)
+            raise
+        self._shut_down(store, sock, procs_lock, lock)
+        return 0
+
+    def _run_started(self, store: Store, sock: socket.socket, packages: list[Any]) -> None:
+        """Start the listeners, stages, worker, metrics and panel, then watch them until SIGTERM."""
+        cfg = self.config
         self._start_listeners(sock)
         log.info(
             "appliance %s receiving as AE %r on %s:%d (%d listener processes), data in %s",
@@ -206,8 +223,6 @@ class Supervisor:
         self._publish(store)
         self._start_panel(store, packages)
         self._watch(store)
-        self._shut_down(store, sock, procs_lock, lock)
-        return 0
 
     # -- start-up ----------------------------------------------------------------------------------
 

@@ -292,3 +292,48 @@ def test_open_appliance_warns_once_at_start(appliance_factory: Any) -> None:
     lines = [line for line in app.log_text().splitlines() if "allowed_callers is empty" in line]
     assert len(lines) == 1, app.log_tail()
     assert "WARNING" in lines[0] and "[MainProcess]" in lines[0] and "'0.0.0.0'" in lines[0]
+
+
+_FAILING_SUPERVISOR = """
+import sys
+from appliance import service
+from appliance.config import load_config
+calls = []
+def check(self, store):
+    calls.append(1)
+    if len(calls) >= 2:  # the first watch turn passes: every process is up by the second
+        raise RuntimeError("injected supervisor fault")
+service.Supervisor._check_listeners = check
+service.serve(load_config(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_supervisor_fault_stops_its_processes_and_exits_non_zero(tmp_path: Path) -> None:
+    """An unexpected error in the supervisor's own loop must end the program (so systemd restarts it), not
+    leave it waiting forever on the listeners and worker it started, which keep the DICOM port open."""
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    cfg = tmp_path / "appliance.toml"
+    write_toml(cfg, {"dicom": {"ae_title": CALLED_AE, "bind": "127.0.0.1", "port": port, "listeners": 2},
+                     "storage": {"data_dir": str(tmp_path / "data"), "min_free_bytes": 0},
+                     "metrics": {"enabled": False}, "panel": {"enabled": False}}, top={"routes": []})
+    exe = Path(appliance_exe()).with_name("python")
+    proc = subprocess.Popen([str(exe) if exe.exists() else sys.executable, "-c", _FAILING_SUPERVISOR, str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        import os
+
+        os.killpg(proc.pid, signal.SIGKILL)  # its children too: they hold the output pipe open
+        out, _ = proc.communicate()
+        pytest.fail("the supervisor hung after its fault:\n" + out[-3000:])
+    assert proc.returncode != 0, out[-3000:]
+    assert "injected supervisor fault" in out and "stopping every process it started" in out
+    with socket.socket() as s:  # the listeners are gone: the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
