@@ -332,3 +332,24 @@ def test_the_manifest_refuses_a_malformed_finding_score(bad: dict) -> None:
 
     with pytest.raises(ValidationError, match="finding_score"):
         Reporting.model_validate({"finding_score": {**bad, "bias": 0.0, "min_score": 0.5}})
+
+
+@pytest.mark.parametrize("slab", [2, 64])
+def test_a_lesion_reaching_the_series_first_or_last_slice_is_marked_so(slab: int) -> None:
+    """What a score may weigh: a finding cut by the end of the scan (its neighbour slice repeated for the
+    model's context) against one wholly inside the series; both measurement paths and the summary agree."""
+    labels = np.zeros((24, 96, 96), np.uint8)
+    labels[:, 8:88, 8:88] = 1  # a liver through the whole series
+    _disc(labels, slice(0, 2), 30, 30, 8.0)  # on the first two slices
+    _disc(labels, slice(23, 24), 30, 66, 8.0)  # on the last slice only
+    _disc(labels, slice(10, 13), 66, 48, 8.0)  # inside
+    m = measure(labels.copy(), LABELS, SPACING, SLICE_MM, UIDS, slab_slices=slab)
+    by_z = {int(les.centroid_voxel[0]): les for les in m.lesions}
+    assert set(by_z) == {0, 23, 11}
+    assert by_z[0].series_end and by_z[23].series_end and by_z[11].series_end is False
+    dense = measure_dense(labels.copy(), LABELS, SPACING, SLICE_MM, UIDS)
+    assert [les.series_end for les in dense.lesions] == [les.series_end for les in m.lesions]
+    assert Measurements.from_dict(m.to_dict()) == m
+    from appliance.infer.measure import finding_features
+
+    assert finding_features(by_z[23])["series_end"] == 1.0 and finding_features(by_z[11])["series_end"] == 0.0

@@ -90,6 +90,9 @@ class Lesion:
     peak_confidence: float | None = None
     #: The package's finding score (``[reporting.finding_score]``, 0..1); None when the package has none.
     score: float | None = None
+    #: Whether it reaches the series' first or last slice: cut by the end of the scan, its extent beyond is
+    #: unknown, and the model saw that slice with its one neighbour repeated for context. None: not known.
+    series_end: bool | None = None
 
     @property
     def attenuation(self) -> str | None:
@@ -172,6 +175,7 @@ class Measurements:
                         "z_extent_mm": les.z_extent_mm,
                         "peak_confidence": les.peak_confidence,
                         "score": les.score,
+                        "series_end": les.series_end,
                     }
                     for les in self.lesions
                 ],
@@ -221,6 +225,7 @@ class Measurements:
                         z_extent_mm=_opt_float(x.get("z_extent_mm")),
                         peak_confidence=_opt_float(x.get("peak_confidence")),
                         score=_opt_float(x.get("score")),
+                        series_end=None if x.get("series_end") is None else bool(x.get("series_end")),
                     )
                     for x in d["lesions"]["items"]
                 ),
@@ -328,6 +333,7 @@ def finding_features(les: Lesion) -> dict[str, float]:
         "contrast": contrast,
         "abs_contrast": abs(contrast),
         "edge_contact": les.edge_contact or 0.0,
+        "series_end": 1.0 if les.series_end else 0.0,
     }
 
 
@@ -412,6 +418,7 @@ def measure_dense(
                     edge_contact=edges[0],
                     width_mm=edges[1],
                     z_extent_mm=round((sl[0].stop - sl[0].start) * slice_spacing, 1),
+                    series_end=bool(sl[0].start == 0 or sl[0].stop == labels.shape[0]),
                 )
             )
             if not _reported(best, reporting) or _filtered(lesions[-1], reporting):
@@ -549,6 +556,7 @@ def measure(
                     width_mm=feats.width_mm(i),
                     z_extent_mm=round(float(comps.hi[i, 0] - comps.lo[i, 0]) * slice_spacing, 1),
                     peak_confidence=feats.peak(i),
+                    series_end=bool(comps.lo[i, 0] == 0 or comps.hi[i, 0] >= lm.shape[0]),
                 )
             )
             score = finding_score(lesions[-1], reporting.finding_score)

@@ -89,7 +89,8 @@ class PostProcess(_Strict):
 #: near 0 a line), fill (volume over the ellipsoid of diameter, short axis and cranio-caudal extent), roundness
 #: (mean in-plane width over half the diameter: 1 a disc, near 0 a band), confidence (mean lesion probability),
 #: peak_confidence (the highest of any of its voxels), contrast ((mean HU - surrounding organ HU) / 100),
-#: abs_contrast (its absolute value), edge_contact (the fraction of its border on the organ's edge).
+#: abs_contrast (its absolute value), edge_contact (the fraction of its border on the organ's edge), series_end
+#: (1 when it reaches the series' first or last slice, else 0).
 FindingFeature = Literal[
     "log_diameter",
     "elongation",
@@ -100,6 +101,7 @@ FindingFeature = Literal[
     "contrast",
     "abs_contrast",
     "edge_contact",
+    "series_end",
 ]
 FINDING_FEATURES: tuple[str, ...] = get_args(FindingFeature)
 
