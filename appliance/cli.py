@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # measure pulls numpy and scipy: imported where a command nee
 
 log = logging.getLogger("appliance")
 
-_CONFIG_HELP = f"configuration file (default: ./{DEFAULT_CONFIG_NAME} if present, else built-in defaults)"
+_CONFIG_HELP = (
+    f"configuration file (default: $APPLIANCE_CONFIG if set, else ./{DEFAULT_CONFIG_NAME} if present, "
+    "else built-in defaults)"
+)
 
 
 def _iso(ts: float | None) -> str | None:

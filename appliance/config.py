@@ -306,8 +306,18 @@ def parse_config(data: dict[str, Any], source: str = "<embedded defaults>") -> C
         raise ConfigError(_describe(err, source)) from None
 
 
+#: The configuration file an installed box's commands use when ``--config`` is not given: set once (the
+#: systemd unit and an admin's shell), so ``appliance series`` run by hand reads the service's data, not an
+#: empty ``./var`` of the directory it happens to be run in.
+CONFIG_ENV = "APPLIANCE_CONFIG"
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and validate the config; ``None`` uses ./appliance.toml if present, else embedded defaults."""
+    """Load and validate the config; ``None`` uses ``$APPLIANCE_CONFIG`` when set, else ./appliance.toml if
+    present, else embedded defaults."""
+    via = ""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path, via = os.environ[CONFIG_ENV], f" (from ${CONFIG_ENV})"
     if path is None:
         candidate = Path(DEFAULT_CONFIG_NAME)
         if not candidate.exists():
@@ -317,7 +327,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {p}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read configuration file {p}{via}: {exc.strerror}") from None
     try:
         data = loads_toml(raw.decode("utf-8"))
     except (TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -82,6 +82,7 @@ def test_out_of_range_values_are_named(section: str, key: str, value: object) ->
 
 def test_defaults_when_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no appliance.toml here
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
     cfg = load_config(None)
     assert cfg.source is None
     assert cfg.dicom.ae_title == "EDGE"
@@ -97,10 +98,28 @@ def test_defaults_when_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_default_file_in_working_directory_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "appliance.toml").write_text('[dicom]\nport = 4242\nae_title = "EDGE2"\n')
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
     cfg = load_config(None)
     assert cfg.dicom.port == 4242
     assert cfg.dicom.ae_title == "EDGE2"
     assert cfg.source == Path("appliance.toml")
+
+
+def test_the_environment_names_the_file_when_no_path_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed box sets APPLIANCE_CONFIG once: commands run by hand then read the service's file, ahead of
+    a stray ./appliance.toml; an explicit path still wins, and a missing file is named with where it came from."""
+    (tmp_path / "appliance.toml").write_text("[dicom]\nport = 4242\n")
+    box = tmp_path / "etc.toml"
+    box.write_text("[dicom]\nport = 5151\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(box))
+    assert load_config(None).dicom.port == 5151 and load_config(None).source == box
+    assert load_config(tmp_path / "appliance.toml").dicom.port == 4242
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match=r"missing\.toml \(from \$APPLIANCE_CONFIG\)"):
+        load_config(None)
+    monkeypatch.setenv("APPLIANCE_CONFIG", "")  # set but empty: as if unset
+    assert load_config(None).dicom.port == 4242
 
 
 def test_valid_file_with_allowed_callers(tmp_path: Path) -> None:
