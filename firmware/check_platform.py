@@ -33,12 +33,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (JetPack 6): the appliance depends on tomli there, so its venv has it
-    import tomli as tomllib
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from appliance.validation import TOMLDecodeError, loads_toml, problems  # the configuration's reader and wording
+
 
 DEFAULT_RELEASE_FILE = Path("/etc/nv_tegra_release")
 DEFAULT_PLATFORM_FILE = Path(__file__).resolve().with_name("platform.toml")
@@ -229,82 +229,79 @@ class Platform:
         return [r for r in self.releases if r.status == "supported"]
 
 
-_STATUSES = ("supported", "untested", "unsupported")
-_TOP_KEYS = {"schema", "tensorrt", "python", "power", "l4t"}
-_LINE_KEYS = {"release", "jetpack", "tensorrt", "cuda", "ubuntu", "python", "status", "reason"}
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _table(data: dict[str, Any], key: str, keys: set[str], where: str) -> dict[str, Any]:
-    t = data.get(key)
-    if not isinstance(t, dict):
-        raise PlatformFileError(f"{where}: [{key}] is missing")
-    extra = set(t) - keys
-    missing = keys - set(t)
-    if extra or missing:
-        raise PlatformFileError(f"{where}: [{key}] unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
-    return t
+_Name = Annotated[str, StringConstraints(min_length=1)]
 
 
-def _str(value: Any, what: str, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise PlatformFileError(f"{where}: {what} must be a non-empty string")
-    return value
+class _TensorRT(_Strict):
+    major_min: Annotated[int, Field(ge=1)]
+    module: _Name
+    required_api: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*$")]]
+
+
+class _Python(_Strict):
+    min: Annotated[str, StringConstraints(pattern=_VERSION.pattern.join("^$"))]
+
+
+class _Power(_Strict):
+    recommended_modes: Annotated[list[_Name], Field(min_length=1)]
+    note: _Name
+
+
+class _Line(_Strict):
+    release: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}(\.[0-9]{1,4}){0,2}$")]
+    jetpack: _Name
+    tensorrt: _Name
+    cuda: _Name
+    ubuntu: _Name
+    python: _Name
+    status: Literal["supported", "untested", "unsupported"]
+    reason: _Name
+
+
+class _PlatformFile(_Strict):
+    """platform.toml as written: every table and key required, nothing else allowed."""
+
+    schema_: Literal[1] = Field(alias="schema")
+    tensorrt: _TensorRT
+    python: _Python
+    power: _Power
+    l4t: Annotated[list[_Line], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> _PlatformFile:
+        if len({tuple(int(x) for x in line.release.split(".")) for line in self.l4t}) != len(self.l4t):
+            raise ValueError("a release line appears twice")
+        return self
 
 
 def load_platform(path: Path) -> Platform:
     """Read and validate platform.toml completely: a typo there must not turn into a wrong verdict."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = loads_toml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PlatformFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PlatformFileError(f"{path} is not valid TOML: {exc}") from None
-    where = str(path)
-    if set(data) - _TOP_KEYS:
-        raise PlatformFileError(f"{where}: unknown top-level keys {sorted(set(data) - _TOP_KEYS)}")
-    if data.get("schema") != 1:
-        raise PlatformFileError(f"{where}: schema must be 1 (this checker's format)")
-    trt = _table(data, "tensorrt", {"major_min", "module", "required_api"}, where)
-    if not isinstance(trt["major_min"], int) or isinstance(trt["major_min"], bool) or trt["major_min"] < 1:
-        raise PlatformFileError(f"{where}: tensorrt.major_min must be a positive integer")
-    api = trt["required_api"]
-    if not isinstance(api, list) or not all(isinstance(a, str) and re.fullmatch(r"[A-Za-z_][\w.]*", a) for a in api):
-        raise PlatformFileError(f"{where}: tensorrt.required_api must be a list of dotted names")
-    py = _table(data, "python", {"min"}, where)
-    pm = _VERSION.fullmatch(_str(py["min"], "python.min", where))
-    if pm is None:
-        raise PlatformFileError(f"{where}: python.min must be <major>.<minor>")
-    power = _table(data, "power", {"recommended_modes", "note"}, where)
-    modes = power["recommended_modes"]
-    if not isinstance(modes, list) or not modes or not all(isinstance(m, str) and m for m in modes):
-        raise PlatformFileError(f"{where}: power.recommended_modes must be a non-empty list of names")
-    lines = data.get("l4t")
-    if not isinstance(lines, list) or not lines:
-        raise PlatformFileError(f"{where}: no [[l4t]] release lines")
-    releases = []
-    for i, t in enumerate(lines):
-        w = f"{where}: [[l4t]] #{i + 1}"
-        if not isinstance(t, dict) or set(t) != _LINE_KEYS:
-            got = sorted(t) if isinstance(t, dict) else type(t).__name__
-            raise PlatformFileError(f"{w}: needs exactly the keys {sorted(_LINE_KEYS)}, has {got}")
-        values = {k: _str(t[k], k, w) for k in _LINE_KEYS}
-        if not re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,4}){0,2}", values["release"]):
-            raise PlatformFileError(f"{w}: release {values['release']!r} must be like 36 or 36.4")
-        if values["status"] not in _STATUSES:
-            raise PlatformFileError(f"{w}: status must be one of {', '.join(_STATUSES)}")
-        prefix = tuple(int(x) for x in values["release"].split("."))
-        releases.append(ReleaseLine(prefix=prefix, **values))
-    prefixes = [r.prefix for r in releases]
-    if len(set(prefixes)) != len(prefixes):
-        raise PlatformFileError(f"{where}: a release line appears twice")
+    try:
+        f = _PlatformFile.model_validate(data)
+    except ValidationError as err:
+        raise PlatformFileError(f"{path}: " + "; ".join(problems(err))) from None
+    pm = _VERSION.fullmatch(f.python.min)
+    assert pm is not None  # the model's pattern
     return Platform(
-        tensorrt_major_min=trt["major_min"],
-        tensorrt_module=_str(trt["module"], "tensorrt.module", where),
-        tensorrt_required_api=tuple(api),
+        tensorrt_major_min=f.tensorrt.major_min,
+        tensorrt_module=f.tensorrt.module,
+        tensorrt_required_api=tuple(f.tensorrt.required_api),
         python_min=(int(pm.group("major")), int(pm.group("minor"))),
-        power_modes=tuple(modes),
-        power_note=_str(power["note"], "power.note", where),
-        releases=tuple(releases),
+        power_modes=tuple(f.power.recommended_modes),
+        power_note=f.power.note,
+        releases=tuple(
+            ReleaseLine(prefix=tuple(int(x) for x in line.release.split(".")), **line.model_dump()) for line in f.l4t
+        ),
     )
 
 

@@ -372,3 +372,27 @@ def test_fuzzed_release_files_never_raise(tmp_path: Path, platform: Any) -> None
             report = cp.evaluate(platform, path, good_probes())
             assert report.exit_code in (cp.EXIT_SUPPORTED, cp.EXIT_UNSUPPORTED, cp.EXIT_CANNOT_TELL)
     assert 100 < parsed < 2000, parsed  # the mutations reach both the accepting and the refusing paths
+
+
+@pytest.mark.parametrize("old,new,what", [
+    ('schema = 1', 'schema = 2', "schema"),
+    ('major_min = 10', 'major_min = true', "major_min"),
+    ('major_min = 10', 'major_min = 0', "major_min"),
+    ('module = "tensorrt"', 'module = ""', "module"),
+    ('min = "3.10"', 'min = "three"', "python.min"),
+    ('recommended_modes = ["MAXN", "MAXN_SUPER"]', 'recommended_modes = []', "recommended_modes"),
+    ('release = "36.3"', 'release = "36.4"', "twice"),
+    ('release = "36.3"', 'release = "36.04"', "twice"),  # the same release, written otherwise
+    ('release = "36.3"', 'release = "R36"', "release"),
+    ('status = "untested"', 'status = "maybe"', "status"),
+    ('[python]', '[pyhton]', "pyhton"),
+    ('cuda = "12.6"', 'cuda = "12.6"\nkernel = "5.15"', "kernel"),
+])
+def test_a_wrong_platform_file_is_refused_and_named(tmp_path: Path, old: str, new: str, what: str) -> None:
+    """A typo in platform.toml must stop the checker with the place named, never become a wrong verdict."""
+    text = PLATFORM.read_text(encoding="utf-8")
+    assert old in text
+    p = tmp_path / "platform.toml"
+    p.write_text(text.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(cp.PlatformFileError, match=re.escape(what)):
+        cp.load_platform(p)
